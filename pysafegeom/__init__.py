@@ -7,4 +7,20 @@ over fine-tuning. The science is specified in docs/protocol.md.
 
 __version__ = "0.1.0"
 
-from .models import load_model, ModelAdapter  # noqa: E402,F401
+_LAZY = {
+    "load_model": ("pysafegeom.models", "load_model"),
+    "ModelAdapter": ("pysafegeom.models", "ModelAdapter"),
+    "format_prompts": ("pysafegeom.prompts", "format_prompts"),
+}
+
+
+def __getattr__(name):  # lazy, so `import pysafegeom.ops` does not pull in transformers
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'pysafegeom' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
