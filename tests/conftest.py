@@ -1,0 +1,29 @@
+"""Shared test set-up.
+
+Triton kernels run under the interpreter on machines without a GPU; the variable must be set before
+triton is first imported, so it is set here, before any test module loads.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+if os.environ.get("PYSAFEGEOM_GPU_CHECK") != "1":
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover
+        pass
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The public datasets beside the checkout (../shared/data); tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"public datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
