@@ -105,9 +105,16 @@ def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are already dequantised to float32; drop the GGUF marker so they can be saved as such
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "pysafegeom_source.json").write_text(json.dumps({"source": str(gguf), "format": "gguf"}))
+        os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first

@@ -1,0 +1,218 @@
+"""Format instructions with a chat template and locate ``t_inst`` and the post-instruction positions.
+
+PROTOCOL.md section 1. The template is rendered once around a sentinel and split into the text before
+the instruction (``prefix``) and after it (``suffix``), as HarmBench's ``get_test_case_wrapping`` does,
+with no per-family rules. Every prompt is then tokenised as ``tokens(prefix + instruction)`` followed by
+the template's own tokens for the suffix, so that
+
+* ``t_inst`` is the last token of ``prefix + instruction`` (the last token of the instruction), and
+* the post-instruction positions are exactly the suffix tokens, the same ``n_post`` ids for every
+  prompt, with ``t_post_inst`` the last prompt token,
+
+whatever the instruction ends with (spaces, punctuation, newlines, non-ASCII): no token can straddle the
+instruction/template boundary. Batches are left-padded, so post-instruction positions line up at the
+same negative offsets across a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SENTINEL = "PSGSENTINELXYZ."
+
+# Named templates, for tokenizers that carry none or to study a model under another format.
+TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama-2": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ '[INST] <<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' }}"
+        "{% elif m['role'] == 'user' %}{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'system' %}{{ '[INST] ' }}{% endif %}"
+        "{{ m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ raise_exception('the Mistral template has no system role') }}"
+        "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ raise_exception('the Gemma template has no system role') }}{% endif %}"
+        "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    # No chat format: the instruction followed by one newline (base models). Must be asked for by name.
+    "plain": "{% for m in messages %}{{ m['content'] + '\n' }}{% endfor %}",
+}
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be used to locate instruction positions."""
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch of formatted prompts and the positions the protocol reads.
+
+    ``input_ids``/``attention_mask``: ``[B, T]``. ``t_inst``: ``[B]`` absolute index of the last
+    instruction token. ``post_inst``: ``[B, n_post]`` absolute indices of the post-instruction template
+    tokens (``post_inst[:, -1] == T - 1`` is ``t_post_inst``). ``positions``: ``[B, 1 + n_post]``, the
+    columns ``[t_inst, post_inst...]`` as used by capture; ``position_names`` names those columns.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    t_inst: torch.Tensor
+    post_inst: torch.Tensor
+    prefix: str
+    suffix: str
+    suffix_ids: list[int]
+    instructions: list[str]
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def n_post(self) -> int:
+        return self.post_inst.shape[1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.cat([self.t_inst[:, None], self.post_inst], dim=1)
+
+    @property
+    def position_names(self) -> list[str]:
+        """``t_inst`` then the post-instruction offsets ``eoi-{n}..eoi-1`` (``eoi-1`` is ``t_post_inst``)."""
+        n = self.n_post
+        return ["t_inst"] + [f"eoi-{n - j}" for j in range(n)]
+
+    def to(self, device) -> "PromptBatch":
+        for name in ("input_ids", "attention_mask", "t_inst", "post_inst"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+@dataclass(frozen=True)
+class TemplateSplit:
+    prefix: str
+    suffix: str
+    suffix_ids: tuple[int, ...]
+    template: str
+
+
+def _render(tokenizer, template: str | None, content: str, system: str | None) -> str:
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": content}]
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        if system is not None:
+            raise TemplateError(f"the chat template cannot render a system prompt ({exc}); pass system=None") from exc
+        raise TemplateError(f"the chat template failed to render a user message: {exc}") from exc
+
+
+def resolve_template(tokenizer, template: str | None) -> str:
+    """The Jinja template to use: a named one, the given string, or the tokenizer's own."""
+    if template is None:
+        tpl = getattr(tokenizer, "chat_template", None)
+        if not tpl:
+            raise TemplateError(
+                "this tokenizer has no chat template; pass template= one of "
+                f"{', '.join(TEMPLATES)} (e.g. template='plain' for a base model with no chat format) or a Jinja string"
+            )
+        if isinstance(tpl, dict):
+            tpl = tpl.get("default") or next(iter(tpl.values()))
+        return tpl
+    return TEMPLATES.get(template, template)
+
+
+def split_template(tokenizer, template: str | None = None, system: str | None = None) -> TemplateSplit:
+    """Render the template around a sentinel and return the text and token ids on either side of it."""
+    tpl = resolve_template(tokenizer, template)
+    text = _render(tokenizer, tpl, SENTINEL, system)
+    n = text.count(SENTINEL)
+    if n == 0:
+        raise TemplateError("the chat template does not render the user message (it has no user turn), so the "
+                            "instruction cannot be located; pass template= a template with a user turn")
+    if n > 1:
+        raise TemplateError("the chat template renders the user message more than once; cannot locate the instruction")
+    prefix, suffix = text.split(SENTINEL)
+    if not suffix:
+        raise TemplateError("the chat template puts nothing after the user message, so there are no post-instruction "
+                            "tokens; use a template with a generation prompt (or template='plain')")
+    head = tokenizer(prefix + SENTINEL, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if full[: len(head)] == head and len(full) > len(head):
+        suffix_ids = full[len(head):]
+    else:  # the sentinel's last token merged with the template: tokenise the suffix on its own
+        suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if not suffix_ids:
+        raise TemplateError("the template's post-instruction text tokenises to nothing")
+    return TemplateSplit(prefix, suffix, tuple(suffix_ids), tpl)
+
+
+def format_prompts(
+    tokenizer,
+    instructions: list[str],
+    *,
+    system: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    device: str | torch.device | None = None,
+) -> PromptBatch:
+    """Format ``instructions`` with the chat template, left-pad, and locate ``t_inst`` and the post-instruction tokens.
+
+    ``template``: None for the tokenizer's own chat template, a name from :data:`TEMPLATES`, or a Jinja
+    string. ``system``: an optional system prompt. ``max_length``: raise if a prompt is longer (e.g.
+    the model's context size).
+    """
+    if isinstance(instructions, str):
+        raise TypeError("instructions must be a list of strings, not one string")
+    instructions = list(instructions)
+    if not instructions:
+        raise ValueError("no instructions to format: the prompt list is empty")
+    for i, s in enumerate(instructions):
+        if not isinstance(s, str):
+            raise TypeError(f"instruction {i} is a {type(s).__name__}, not a string")
+        if not s.strip():
+            raise ValueError(f"instruction {i} is empty or only whitespace")
+    split = split_template(tokenizer, template, system)
+    rows = []
+    for s in instructions:
+        # the template may transform the content (e.g. trim it): take the rendered instruction text
+        rendered = _render(tokenizer, split.template, s, system)
+        if not (rendered.startswith(split.prefix) and rendered.endswith(split.suffix)):
+            raise TemplateError("the chat template renders text around the instruction that depends on the instruction; "
+                                "cannot locate positions consistently")
+        body = rendered[len(split.prefix): len(rendered) - len(split.suffix)]
+        head = tokenizer(split.prefix + body, add_special_tokens=False)["input_ids"]
+        rows.append(head + list(split.suffix_ids))
+    lengths = [len(r) for r in rows]
+    T = max(lengths)
+    if max_length is not None and T > max_length:
+        worst = max(range(len(rows)), key=lambda i: lengths[i])
+        raise ValueError(f"prompt {worst} is {T} tokens long, more than the model's context of {max_length} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise TemplateError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    B, n_post = len(rows), len(split.suffix_ids)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):] = 1
+    post = torch.arange(T - n_post, T, dtype=torch.long).expand(B, n_post).contiguous()
+    t_inst = torch.full((B,), T - n_post - 1, dtype=torch.long)
+    batch = PromptBatch(ids, mask, t_inst, post, split.prefix, split.suffix, list(split.suffix_ids), instructions, lengths)
+    return batch.to(device) if device is not None else batch
