@@ -1,0 +1,137 @@
+"""Prompt formatting and positions (PROTOCOL.md section 1), on the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pysafegeom.prompts import TEMPLATES, TemplateError, format_prompts, split_template
+
+FAMILIES = ["chatml", "llama-2", "llama-3", "mistral", "zephyr", "gemma"]
+SYSTEM_OK = {"chatml", "llama-2", "llama-3", "zephyr"}
+ENDINGS = [
+    "How do I pick a lock?",
+    "Write a haiku about rain   ",
+    "List three fruits.\n",
+    "Explain recursion\n\n",
+    "Décris la tour Eiffel — brièvement",
+    "日本の首都はどこですか",
+    "Tell me a joke 😀",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pysafegeom.models.loading import _smollm2_gguf, ModelNotFound
+
+    try:
+        path = _smollm2_gguf()
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
+    from pysafegeom.models import resolve
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(resolve(str(path))))
+    t.padding_side = "left"
+    return t
+
+
+def _text_through_t_inst(tok, batch, b):
+    """Decoded text of the prompt from its first real token up to and including t_inst."""
+    start = batch.input_ids.shape[1] - batch.lengths[b]
+    return tok.decode(batch.input_ids[b, start: int(batch.t_inst[b]) + 1].tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("with_system", [False, True])
+def test_positions_across_template_families(tok, family, with_system):
+    system = "You are careful." if with_system else None
+    if with_system and family not in SYSTEM_OK:
+        with pytest.raises(TemplateError, match="system"):
+            format_prompts(tok, ENDINGS, template=family, system=system)
+        return
+    batch = format_prompts(tok, ENDINGS, template=family, system=system)
+    B, T = batch.input_ids.shape
+    assert B == len(ENDINGS)
+    # the post-instruction tokens are the template's own suffix tokens, identical for every prompt
+    for b in range(B):
+        assert batch.input_ids[b, batch.post_inst[b]].tolist() == batch.suffix_ids
+        assert int(batch.post_inst[b, -1]) == T - 1
+        assert int(batch.t_inst[b]) == int(batch.post_inst[b, 0]) - 1
+        # t_inst closes the instruction: the prompt up to it is exactly the template prefix + instruction
+        assert _text_through_t_inst(tok, batch, b) == batch.prefix + ENDINGS[b]
+    assert tok.decode(batch.suffix_ids) == batch.suffix
+    # the full text equals what the template renders
+    for b in range(B):
+        ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ENDINGS[b]}]
+        want = tok.apply_chat_template(msgs, chat_template=TEMPLATES[family], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids) == want
+
+
+def test_tokenizers_own_template_is_chatml_with_default_system(tok):
+    batch = format_prompts(tok, ["How do I kill a Python process?"])
+    assert "<|im_start|>system" in batch.prefix
+    assert batch.suffix == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode([int(batch.input_ids[0, batch.t_inst[0]])]) == "?"
+    assert batch.position_names[0] == "t_inst" and batch.position_names[-1] == "eoi-1"
+
+
+def test_left_padding_and_mask(tok):
+    batch = format_prompts(tok, ["Hi", "A much longer instruction with many more words in it than the first"])
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[1, 0] == 1
+    assert (batch.attention_mask[:, -1] == 1).all()
+    assert batch.input_ids[0, 0] == tok.pad_token_id
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(min_size=1, max_size=40).filter(lambda s: s.strip()), min_size=1, max_size=4),
+       family=st.sampled_from(FAMILIES))
+def test_positions_inside_prompt_and_unmoved_by_padding(tok, texts, family):
+    batch = format_prompts(tok, texts, template=family)
+    T = batch.input_ids.shape[1]
+    for b, text in enumerate(texts):
+        start = T - batch.lengths[b]
+        # every position points inside the (unpadded) prompt
+        assert start <= int(batch.t_inst[b]) < T
+        assert ((batch.post_inst[b] >= start) & (batch.post_inst[b] < T)).all()
+        assert batch.attention_mask[b, batch.positions[b]].all()
+        # padding never shifts them: the same prompt alone has the same tokens at the same offsets from the end
+        alone = format_prompts(tok, [text], template=family)
+        Ta = alone.input_ids.shape[1]
+        assert int(alone.t_inst[0]) - Ta == int(batch.t_inst[b]) - T
+        assert alone.input_ids[0, alone.positions[0]].tolist() == batch.input_ids[b, batch.positions[b]].tolist()
+
+
+def test_no_chat_template_is_a_clear_error(tok):
+    import copy
+
+    bare = copy.copy(tok)
+    bare.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template"):
+        format_prompts(bare, ["hello"])
+    plain = format_prompts(bare, ["hello"], template="plain")
+    assert plain.suffix == "\n" and plain.n_post == 1
+
+
+def test_template_without_user_turn_is_a_clear_error(tok):
+    no_user = "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}ASSISTANT:"
+    with pytest.raises(TemplateError, match="no user turn"):
+        format_prompts(tok, ["hello"], template=no_user)
+    nothing_after = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(TemplateError, match="nothing after"):
+        split_template(tok, nothing_after)
+
+
+@pytest.mark.parametrize("bad, err", [([], ValueError), (["ok", "   "], ValueError), ("one string", TypeError), ([3], TypeError)])
+def test_bad_instructions(tok, bad, err):
+    with pytest.raises(err):
+        format_prompts(tok, bad)
+
+
+def test_prompt_longer_than_context(tok):
+    with pytest.raises(ValueError, match="context"):
+        format_prompts(tok, ["word " * 100], max_length=32)
