@@ -1,0 +1,55 @@
+"""Loader of the compiled extension ``pysafegeom/_C.so`` shared by the C++ and CUDA backends.
+
+The library registers the ``torch.ops.pysafegeom.*`` ops (schema in ``csrc/ops.cpp``) with CPU kernels
+and, when it was built with CUDA, CUDA kernels. It is loaded once, with ``torch.ops.load_library``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the pysafegeom package folder
+_state: tuple[bool, str] | None = None
+
+NOT_BUILT = ("extension not built: run `make install` or `pip install --no-build-isolation -e .` "
+             "(needs cmake, a C++ compiler and torch at build time)")
+
+
+def library_path() -> str | None:
+    """Path of the built library in the package folder, or None."""
+    found = sorted(glob.glob(os.path.join(_HERE, "_C*.so")))
+    return found[0] if found else None
+
+
+def load() -> tuple[bool, str]:
+    """(True, '') once the library is loaded, else (False, reason). Loads at most once per process."""
+    global _state
+    if _state is None:
+        path = library_path()
+        if path is None:
+            _state = (False, NOT_BUILT)
+        else:
+            try:
+                torch.ops.load_library(path)
+                torch.ops.pysafegeom.build_info()
+                _state = (True, "")
+            except Exception as exc:  # a stale build against another torch, a missing symbol, ...
+                _state = (False, f"extension at {path} failed to load ({type(exc).__name__}: {exc}); "
+                                 "rebuild it with `make install` against this torch")
+    return _state
+
+
+def build_info() -> str:
+    """What the library was built with ('cpu (openmp)', 'cpu (openmp)+cuda sm_90'), or why it is absent."""
+    ok, why = load()
+    if not ok:
+        return why
+    return str(torch.ops.pysafegeom.build_info())
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded library was compiled with the CUDA kernels."""
+    return load()[0] and "cuda" in str(torch.ops.pysafegeom.build_info())
