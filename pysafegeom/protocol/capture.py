@@ -1,0 +1,226 @@
+"""Activation capture: residual stream at ``t_inst`` and the post-instruction positions, streamed per set.
+
+PROTOCOL.md section 1. Forward pre-hooks on every decoder block read ``resid_pre`` (the block's input)
+and a pre-hook on the final norm reads the residual after the last block, so layer index ``L`` means
+"after the last block". Only the protocol's positions are gathered (:func:`pysafegeom.ops.gather_positions`);
+the forward stops right after the last layer it needs (the LM head never runs, except on the last
+position when refusal scores are asked for); prompts are bucketed by length so little padding is
+computed. Per-set sums accumulate in float64 through :func:`pysafegeom.ops.gather_accumulate`, so
+memory grows with layers x positions x width, not with the number of tokens.
+
+Groups: every prompt falls in group ``2 * set_index + refused`` where ``refused`` is 1 when its refusal
+score (PROTOCOL 2.4) is > 0. Without refusal tokens every prompt has ``refused = 0``. The set means
+are the sums over both groups; the behaviour-filtered means use one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..models import ModelAdapter
+from ..prompts import format_prompts, split_template
+
+EPS_SCORE = 1e-8
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class Capture:
+    """Streamed statistics of one capture run.
+
+    ``sums [G, n_layers, P, d]`` float64 and ``counts [G]`` with ``G = 2 * len(set_names)`` groups
+    (see module docstring). ``layers`` are resid_pre indices (``n_layers_model`` = after the last
+    block). ``position_names`` name the P position columns (``t_inst``, ``eoi-n`` ... ``eoi-1``).
+    ``per_prompt[set][pos_name]`` holds ``[n, n_layers, d]`` float32 activations for the kept
+    positions; ``scores[set]`` the per-prompt refusal scores ``[n]`` float64 (empty when not asked).
+    """
+
+    set_names: list[str]
+    layers: list[int]
+    position_names: list[str]
+    sums: torch.Tensor
+    counts: torch.Tensor
+    per_prompt: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_tokens: int = 0
+    n_padded_tokens: int = 0
+
+    def group(self, set_name: str, refused: bool | None = None) -> list[int]:
+        s = self.set_names.index(set_name)
+        return [2 * s, 2 * s + 1] if refused is None else [2 * s + int(refused)]
+
+    def count(self, set_name: str, refused: bool | None = None) -> int:
+        return int(self.counts[self.group(set_name, refused)].sum())
+
+    def mean(self, set_name: str, refused: bool | None = None) -> torch.Tensor:
+        """Mean activation ``[n_layers, P, d]`` float64 over a set (or its refused / complied part)."""
+        g = self.group(set_name, refused)
+        n = int(self.counts[g].sum())
+        if n == 0:
+            which = "" if refused is None else (" (refused)" if refused else " (complied)")
+            raise ValueError(f"no prompts in set {set_name!r}{which} to average")
+        return self.sums[g].sum(0) / n
+
+
+def refusal_scores_from_logits(logits: torch.Tensor, refusal_tokens: list[int]) -> torch.Tensor:
+    """PROTOCOL 2.4 refusal score of each row of last-position ``logits [B, V]``: log-odds of the refusal tokens, float64."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    p_r = logp[:, refusal_tokens].exp().sum(-1)
+    return torch.log(p_r + EPS_SCORE) - torch.log(1 - p_r + EPS_SCORE)
+
+
+def _layer_input(args, kwargs):
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def auto_batch_size(model, max_len: int, device: torch.device) -> int:
+    """A batch size that fits: a token budget on CPU; free memory over the per-token activation cost on GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        d = model.config.hidden_size
+        per_token = 24 * d * torch.finfo(next(model.parameters()).dtype).bits // 8  # generous: attention + MLP temporaries
+        budget = int(0.5 * free / max(per_token, 1))
+    else:
+        budget = 4096
+    return max(1, min(256, budget // max(max_len, 1)))
+
+
+def capture(
+    model,
+    tokenizer,
+    sets: dict[str, list[str]],
+    *,
+    layers: list[int] | None = None,
+    keep_positions: tuple[str, ...] = ("t_inst", "eoi-1"),
+    refusal_tokens: list[int] | None = None,
+    template: str | None = None,
+    system: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    backend: str | None = None,
+) -> Capture:
+    """Run ``model`` over named prompt sets and stream the residual stream at the protocol's positions.
+
+    ``layers``: resid_pre indices to capture (default every block input and the output of the last
+    block, ``0..L``). ``keep_positions``: position names whose per-prompt activations are kept at every
+    captured layer (for subspace fits, readouts and the Latent Guard). ``refusal_tokens``: when given,
+    each prompt's refusal score is computed from the last position (the LM head runs on that row only)
+    and prompts are grouped by behaviour.
+    """
+    if not sets:
+        raise ValueError("no prompt sets to capture")
+    for name, prompts in sets.items():
+        if not prompts:
+            raise ValueError(f"prompt set {name!r} is empty")
+    ad = ModelAdapter(model)
+    L = ad.n_layers
+    layers = sorted(set(range(L + 1) if layers is None else layers))
+    if layers[0] < 0 or layers[-1] > L:
+        raise ValueError(f"layers must lie in [0, {L}] (resid_pre of each block, {L} = after the last block); got {layers}")
+    device = ad.device
+    max_ctx = getattr(model.config, "max_position_embeddings", None)
+
+    # format everything once to learn lengths; batches are re-formatted per bucket (left padding)
+    names = list(sets)
+    items = []  # (set index, prompt index, text, length)
+    for s, name in enumerate(names):
+        fb = format_prompts(tokenizer, sets[name], template=template, system=system, max_length=max_ctx)
+        items += [(s, i, t, n) for i, (t, n) in enumerate(zip(sets[name], fb.lengths))]
+    n_post = len(split_template(tokenizer, template, system).suffix_ids)
+    position_names = ["t_inst"] + [f"eoi-{n_post - j}" for j in range(n_post)]
+    unknown = [p for p in keep_positions if p not in position_names]
+    if unknown:
+        raise ValueError(f"unknown keep_positions {unknown}; choose from {position_names}")
+    keep_cols = [position_names.index(p) for p in keep_positions]
+    P, d, nl = len(position_names), ad.d_model, len(layers)
+    G = 2 * len(names)
+    sums = torch.zeros(G, nl * P, d, dtype=torch.float64, device=device)
+    counts = torch.zeros(G, dtype=torch.int64, device=device)
+    per_prompt = {name: {p: torch.zeros(len(sets[name]), nl, d) for p in keep_positions} for name in names}
+    scores = {name: torch.zeros(len(sets[name]), dtype=torch.float64) for name in names} if refusal_tokens else {}
+
+    items.sort(key=lambda it: it[3])
+    bs = batch_size or auto_batch_size(model, items[-1][3], device)
+    batches = [items[i:i + bs] for i in range(0, len(items), bs)]
+
+    state: dict = {}
+    need_final = L in layers or refusal_tokens is not None
+    last_block = max(l for l in layers if l < L) if any(l < L for l in layers) else -1
+
+    def grab(slot):
+        def hook(mod, args, kwargs):
+            hidden = _layer_input(args, kwargs)
+            state["rows"][slot] = ops.gather_positions(hidden, state["pos"], backend=backend)
+            if slot == nl - 1 and not need_final:
+                raise _StopForward
+        return hook
+
+    def final_hook(mod, args, kwargs):
+        hidden = _layer_input(args, kwargs)
+        if L in layers:
+            state["rows"][nl - 1] = ops.gather_positions(hidden, state["pos"], backend=backend)
+        if refusal_tokens is None:
+            raise _StopForward
+
+    def head_hook(mod, args, out):  # final norm output: run the head on the last position only
+        logits = ad.lm_head(out[:, -1, :])
+        state["scores"] = refusal_scores_from_logits(logits, refusal_tokens)
+        raise _StopForward
+
+    handles = []
+    try:
+        for slot, l in enumerate(layers):
+            if l < L:
+                handles.append(ad.layers[l].register_forward_pre_hook(grab(slot), with_kwargs=True))
+        if need_final:
+            handles.append(ad.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
+        if refusal_tokens is not None:
+            handles.append(ad.final_norm.register_forward_hook(head_hook))
+        del last_block
+        n_tok = n_pad = 0
+        with torch.no_grad():
+            for batch_items in tqdm(batches, desc="capture", unit="batch", disable=not progress):
+                texts = [it[2] for it in batch_items]
+                fb = format_prompts(tokenizer, texts, template=template, system=system, device=device)
+                state["pos"] = fb.positions
+                state["rows"] = [None] * nl
+                state["scores"] = None
+                try:
+                    model(input_ids=fb.input_ids, attention_mask=fb.attention_mask, use_cache=False)
+                except _StopForward:
+                    pass
+                n_tok += int(fb.attention_mask.sum())
+                n_pad += fb.input_ids.numel()
+                rows = torch.stack(state["rows"], dim=1)  # [B, nl, P, d]
+                if not torch.isfinite(rows).all():
+                    raise FloatingPointError(
+                        "NaN or infinite activations (a half-precision overflow?); load the model in float32 or bfloat16"
+                    )
+                set_idx = torch.tensor([it[0] for it in batch_items], device=device)
+                refused = torch.zeros_like(set_idx)
+                if refusal_tokens is not None:
+                    refused = (state["scores"] > 0).long()
+                groups = 2 * set_idx + refused
+                B = rows.shape[0]
+                flat = rows.reshape(B, nl * P, d)
+                ident = torch.arange(nl * P, device=device).expand(B, nl * P)
+                ops.gather_accumulate(flat, ident, groups, sums, counts, backend=backend)
+                for b, it in enumerate(batch_items):
+                    name = names[it[0]]
+                    for p, col in zip(keep_positions, keep_cols):
+                        per_prompt[name][p][it[1]] = rows[b, :, col].float().cpu()
+                    if refusal_tokens is not None:
+                        scores[name][it[1]] = state["scores"][b].cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return Capture(names, layers, position_names, sums.reshape(G, nl, P, d).cpu(), counts.cpu(), per_prompt, scores, n_tok, n_pad)
