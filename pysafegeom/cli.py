@@ -1,4 +1,4 @@
-"""Command line: ``pysafegeom info | positions | demo``.
+"""Command line: ``pysafegeom info | positions | analyze | demo``.
 
 Run ``pysafegeom <command> --help`` for each command's options.
 """
@@ -59,6 +59,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from .analysis import analyze
+
+    opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "kl_threshold": args.kl_threshold}
+    if args.positions:
+        opts["selection_positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
+    if args.batch_size:
+        opts["batch_size"] = args.batch_size
+    res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
+                  template=args.template, system=args.system, **opts)
+    out = res.save(args.out)
+    print("\n".join(res.metrics["summary"]))
+    print(f"\nwrote {out}/result.json, carriers.safetensors and report.html "
+          f"({res.meta['timings_s']['total']} s; open report.html in a browser)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -76,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="optional system prompt")
     s.add_argument("instruction", nargs="*", help="instructions to format (default: a few bundled prompts)")
     s.set_defaults(func=_cmd_positions)
+
+    s = sub.add_parser(
+        "analyze", help="run the protocol on a model: carriers, selection, coupling; writes JSON, tensors and an HTML report",
+        description="Fit the harmfulness carrier H (at t_inst) and the refusal carrier R (post-instruction positions) per "
+                    "layer, select the admissible refusal carrier (bypass / induce / KL, PROTOCOL 2.4), and measure their "
+                    "coupling, subspace angles, effective rank, process correlation and the Latent Guard. Prompt sets "
+                    "default to the bundled ones; give files in AdvBench, HarmBench, XSTest, refusal_direction, Alpaca, "
+                    "CSV or JSONL format to use your own.",
+        epilog="example: pysafegeom analyze --model smollm2-135m-instruct --out results/smollm2")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
+    s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled set)")
+    s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled set)")
+    s.add_argument("--xstest", default=None, help="safe-but-scary prompts file, e.g. XSTest CSV (default: the bundled set)")
+    s.add_argument("--out", required=True, help="output folder (written atomically; replaced if it exists)")
+    s.add_argument("--template", default=None, help="chat template name or Jinja string (default: the tokenizer's)")
+    s.add_argument("--system", default=None, help="optional system prompt")
+    s.add_argument("--n-val", type=int, default=32, help="validation prompts per side for carrier selection (default 32)")
+    s.add_argument("--positions", default=None, help="post-instruction positions to search, e.g. eoi-1,eoi-2 (default: all)")
+    s.add_argument("--layer-stride", type=int, default=1, help="search every n-th layer for the carrier (default 1: all)")
+    s.add_argument("--kl-threshold", type=float, default=0.1, help="admissibility KL threshold (default 0.1; 0.2 is tried if none pass)")
+    s.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: chosen to fit memory)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    s.set_defaults(func=_cmd_analyze)
 
     s = sub.add_parser("demo", help="environment report and prompt positions on the embedded default model")
     s.add_argument("--model", default=DEFAULT_MODEL)
