@@ -87,7 +87,7 @@ class AnalysisResult:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=True))
+            (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
                        "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous()}, str(tmp / "carriers.safetensors"))
             if report:

@@ -59,12 +59,20 @@ class Selection:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-safe dict (NaN scores become None)."""
+        d = asdict(self)
+        for c in d["candidates"]:
+            for k in ("bypass", "induce", "kl"):
+                if c[k] != c[k]:
+                    c[k] = None
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Selection":
         d = dict(d)
-        d["candidates"] = [Candidate(**c) for c in d["candidates"]]
+        nan = float("nan")
+        d["candidates"] = [Candidate(**{k: (nan if v is None and k in ("bypass", "induce", "kl") else v) for k, v in c.items()})
+                           for c in d["candidates"]]
         return cls(**d)
 
 
