@@ -215,19 +215,24 @@ void orthogonalize_weight(const Tensor& W, const Tensor& Q, int64_t residual_dim
 
 // --- 3. chunked cross-entropy and masked top-k ----------------------------------------------------
 
-// Online log-sum-exp over vocabulary chunks: per chunk one [N, c] float32 logit block (ATen's GEMM),
+// Online log-sum-exp over vocabulary tiles: per tile one [N, c] float32 logit block (ATen's GEMM),
 // a fused per-row pass (max, rescale, exp, sum) and, for the gradient, acc = acc * scale + e @ W_c.
-// Peak extra memory: N * chunk_size floats for the logits (+ chunk_size * d when W is not float32).
+// Extra memory: the N x c logits, where c = chunk_size for float32 W; a float16/bfloat16 W is widened
+// a tile at a time into a [c', d] float32 buffer, with c' <= c chosen so that buffer stays about the
+// size of the logits (c' * d ~ N * c), so the peak stays ~2 N * chunk_size floats.
 void chunked_cross_entropy(const Tensor& h, const Tensor& W, const Tensor& targets, int64_t chunk_size,
                            int64_t ignore_index, const Tensor& loss, const std::optional<Tensor>& grad) {
   const int64_t N = h.size(0), d = h.size(1), V = W.size(0);
-  const int64_t c = std::max<int64_t>(1, std::min(chunk_size, V));
+  int64_t c = std::max<int64_t>(1, std::min(chunk_size, V));
+  const bool widen = W.scalar_type() != at::kFloat;
+  if (widen) c = std::min(c, std::max<int64_t>(256, N * c / std::max<int64_t>(d, 1)));
   const bool want_grad = grad.has_value() && grad->defined();
   Tensor hf = h.scalar_type() == at::kFloat ? h : h.to(at::kFloat);
   const float* H = hf.data_ptr<float>();
   const int64_t* tg = targets.data_ptr<int64_t>();
   std::vector<float> m(N, -std::numeric_limits<float>::infinity()), s(N, 0.0f), tlogit(N, 0.0f), scale(N);
   Tensor zbuf = at::empty({N * c}, hf.options());
+  Tensor wbuf = widen ? at::empty({c * d}, hf.options()) : Tensor();
   Tensor acc;
   if (want_grad) {
     acc = *grad;  // the gradient buffer doubles as the running softmax-weighted sum of W rows
@@ -249,7 +254,7 @@ void chunked_cross_entropy(const Tensor& h, const Tensor& W, const Tensor& targe
   for (int64_t v0 = 0; v0 < V; v0 += c) {
     const int64_t cs = std::min(c, V - v0);
     Tensor Wc = W.narrow(0, v0, cs);
-    if (Wc.scalar_type() != at::kFloat) Wc = Wc.to(at::kFloat);
+    if (widen) Wc = wbuf.narrow(0, 0, cs * d).view({cs, d}).copy_(Wc);
     Tensor z = zbuf.narrow(0, 0, N * cs).view({N, cs});
     at::mm_out(z, hf, Wc.t());
     float* Z = z.data_ptr<float>();
@@ -257,7 +262,7 @@ void chunked_cross_entropy(const Tensor& h, const Tensor& W, const Tensor& targe
       for (int64_t r = r0; r < r1; ++r) {
         float* zr = Z + r * cs;
         const float m_new = std::max(m[r], row_max(zr, cs));
-        scale[r] = std::exp(m[r] - m_new);  // 0 on the first chunk (m = -inf)
+        scale[r] = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
         s[r] = s[r] * scale[r] + exp_shift_sum(zr, cs, m_new);  // zr <- exp(zr - m_new)
         m[r] = m_new;
       }
