@@ -34,7 +34,7 @@ def _range(values: list[float], pad: float = 0.05) -> tuple[float, float]:
 
 
 class _Frame:
-    def __init__(self, width, height, xlim, ylim, title, xlabel, ylabel, margin=(50, 20, 30, 45)):
+    def __init__(self, width, height, xlim, ylim, title, xlabel, ylabel, margin=(50, 20, 30, 45), integer_x=False):
         self.w, self.h = width, height
         self.ml, self.mr, self.mt, self.mb = margin
         self.xlim, self.ylim = xlim, ylim
@@ -43,10 +43,16 @@ class _Frame:
                       f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13" font-weight="bold">{html.escape(title)}</text>']
         x0, y0, x1, y1 = self.ml, self.mt, width - self.mr, height - self.mb
         self.parts.append(f'<rect x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}" fill="none" stroke="#999"/>')
-        for t in _ticks(*xlim):
+        if integer_x:
+            first, last = math.ceil(xlim[0]), math.floor(xlim[1])
+            step = max(1, math.ceil((last - first + 1) / 10))
+            xticks = list(range(first, last + 1, step))
+        else:
+            xticks = _ticks(*xlim)
+        for t in xticks:
             x = self.x(t)
             self.parts.append(f'<line x1="{x}" y1="{y1}" x2="{x}" y2="{y1 + 4}" stroke="#999"/>'
-                              f'<text x="{x}" y="{y1 + 15}" text-anchor="middle">{_fmt(t)}</text>')
+                              f'<text x="{x}" y="{y1 + 15}" text-anchor="middle">{t if integer_x else _fmt(t)}</text>')
         for t in _ticks(*ylim):
             y = self.y(t)
             self.parts.append(f'<line x1="{x0 - 4}" y1="{y}" x2="{x1}" y2="{y}" stroke="#eee"/>'
@@ -74,11 +80,11 @@ class _Frame:
 
 def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str,
                width: int = 640, height: int = 300, ylim: tuple[float, float] | None = None,
-               vline: float | None = None) -> str:
-    """One polyline per series ``{name: (xs, ys)}``; NaNs break the line."""
+               vline: float | None = None, integer_x: bool = True) -> str:
+    """One polyline per series ``{name: (xs, ys)}``; NaNs break the line. Layer axes get integer ticks."""
     xs = [x for s in series.values() for x in s[0]]
     ys = [y for s in series.values() for y in s[1]]
-    f = _Frame(width, height, _range(xs, 0.02), ylim or _range(ys), title, xlabel, ylabel)
+    f = _Frame(width, height, _range(xs, 0.02), ylim or _range(ys), title, xlabel, ylabel, integer_x=integer_x)
     if vline is not None:
         f.parts.append(f'<line x1="{f.x(vline)}" y1="{f.mt}" x2="{f.x(vline)}" y2="{height - f.mb}" stroke="#444" stroke-dasharray="4 3"/>')
     for i, (name, (sx, sy)) in enumerate(series.items()):
@@ -120,8 +126,8 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float]], title: 
     if hi == lo:
         hi = lo + 1
     ml, mt = 70, 34
-    width = ml + cell * len(cols) + 110
-    height = mt + cell * len(rows) + 40
+    width = ml + cell * len(cols) + 230
+    height = max(mt + cell * len(rows) + 52, mt + 7 * 16 + 10)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
              f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13" font-weight="bold">{html.escape(title)}</text>']
 
@@ -146,8 +152,9 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float]], title: 
             if best == (i, j):
                 parts.append(f'<text x="{x + cell / 2 - 0.5}" y="{y + cell * 0.72}" text-anchor="middle" font-size="12">★</text>')
     for j, c in enumerate(cols):
-        x = ml + j * cell + cell / 2
-        parts.append(f'<text x="{x}" y="{mt + len(rows) * cell + 12}" text-anchor="middle">{html.escape(c)}</text>')
+        x = ml + j * cell + cell / 2 + 3
+        y = mt + len(rows) * cell + 6
+        parts.append(f'<text transform="translate({x},{y}) rotate(-90)" text-anchor="end">{html.escape(c)}</text>')
     lx = ml + cell * len(cols) + 20
     for k in range(5):
         v = lo + (hi - lo) * k / 4
