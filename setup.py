@@ -153,12 +153,21 @@ class CMakeBuild(build_ext):
         # A plain shared library for torch.ops.load_library, not a Python module: no ABI tag.
         return os.path.join(*fullname.split(".")) + ".so"
 
+    def _skip(self):
+        # A library left in build/lib by an earlier build must not slip into this wheel.
+        if not self.inplace:
+            for ext in self.extensions:
+                stale = Path(self.get_ext_fullpath(ext.name))
+                if stale.exists():
+                    stale.unlink()
+        self.extensions = []
+
     def run(self):
         plan = extension_plan()
         for line in plan.notes:
             _say(line)
         if not plan.build:
-            self.extensions = []
+            self._skip()
             return
         verbose = os.environ.get("PYSAFEGEOM_BUILD_VERBOSE", "") not in ("", "0")
         # A persistent folder in the tree (ignored by git) makes rebuilds incremental and keeps the log.
@@ -171,7 +180,7 @@ class CMakeBuild(build_ext):
             so, why = None, f"{type(exc).__name__}: {exc}"
         if so is None:
             _say(f"pysafegeom: compiled extension skipped ({why}); {FALLBACK}")
-            self.extensions = []
+            self._skip()
             return
         for ext in self.extensions:
             dest = Path(self.get_ext_fullpath(ext.name))
