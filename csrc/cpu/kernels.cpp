@@ -33,6 +33,23 @@ template <typename T>
 inline void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
+// 16-bit types: the vectorised bit-level conversions of rowmath.cpp (same rounding as c10).
+template <>
+inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  bf16_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+}
+template <>
+inline void from_float<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t n) {
+  float_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+}
+template <>
+inline void to_float<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
+  half_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+}
+template <>
+inline void from_float<c10::Half>(const float* src, c10::Half* dst, int64_t n) {
+  float_to_half(src, reinterpret_cast<uint16_t*>(dst), n);
+}
 
 // Rows of a float32 view of a [n, d] tensor of type T: the row itself for float, else a widened copy.
 template <typename T>
@@ -217,7 +234,7 @@ void orthogonalize_weight(const Tensor& W, const Tensor& Q, int64_t residual_dim
 
 // Online log-sum-exp over vocabulary tiles: per tile one [N, c] float32 logit block (ATen's GEMM),
 // a fused per-row pass (max, rescale, exp, sum) and, for the gradient, acc = acc * scale + e @ W_c.
-// Extra memory: the N x c logits, where c = chunk_size for float32 W; a float16/bfloat16 W is widened
+// Extra memory: the N x c logits, where c <= chunk_size (shorter for wide rows); a float16/bfloat16 W is widened
 // a tile at a time into a [c', d] float32 buffer, with c' <= c chosen so that buffer stays about the
 // size of the logits (c' * d ~ N * c), so the peak stays ~2 N * chunk_size floats.
 void chunked_cross_entropy(const Tensor& h, const Tensor& W, const Tensor& targets, int64_t chunk_size,
@@ -225,6 +242,8 @@ void chunked_cross_entropy(const Tensor& h, const Tensor& W, const Tensor& targe
   const int64_t N = h.size(0), d = h.size(1), V = W.size(0);
   int64_t c = std::max<int64_t>(1, std::min(chunk_size, V));
   const bool widen = W.scalar_type() != at::kFloat;
+  // GEMM tiles of W beyond ~32 MB run slower (measured: N=64, d=4096), so wide rows get shorter tiles.
+  c = std::min(c, std::max<int64_t>(256, (int64_t{1} << 23) / std::max<int64_t>(d, 1)));
   if (widen) c = std::min(c, std::max<int64_t>(256, N * c / std::max<int64_t>(d, 1)));
   const bool want_grad = grad.has_value() && grad->defined();
   Tensor hf = h.scalar_type() == at::kFloat ? h : h.to(at::kFloat);

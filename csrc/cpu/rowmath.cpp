@@ -106,16 +106,29 @@ PSG_CLONES void column_subtract(const float* w, const float* q, const float* Cf,
   for (int64_t i = 0; i < n; ++i) o[i] = w[i] - o[i];
 }
 
+// Max through order-preserving integer keys (int max vectorises, a float select may not).
+inline int32_t float_key(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b ^ ((b >> 31) & 0x7FFFFFFF);
+}
+
 PSG_CLONES float row_max(const float* z, int64_t n) {
-  float acc[W];
-  for (int64_t l = 0; l < W; ++l) acc[l] = z[0];
+  int32_t acc[W];
+  for (int64_t l = 0; l < W; ++l) acc[l] = float_key(z[0]);
   const int64_t nv = n - n % W;
   for (int64_t i = 0; i < nv; i += W)
-    for (int64_t l = 0; l < W; ++l) acc[l] = z[i + l] > acc[l] ? z[i + l] : acc[l];
-  float m = acc[0];
+    for (int64_t l = 0; l < W; ++l) {
+      const int32_t key = float_key(z[i + l]);
+      acc[l] = key > acc[l] ? key : acc[l];
+    }
+  int32_t m = acc[0];
   for (int64_t l = 1; l < W; ++l) m = acc[l] > m ? acc[l] : m;
-  for (int64_t i = nv; i < n; ++i) m = z[i] > m ? z[i] : m;
-  return m;
+  for (int64_t i = nv; i < n; ++i) m = float_key(z[i]) > m ? float_key(z[i]) : m;
+  const int32_t b = m ^ ((m >> 31) & 0x7FFFFFFF);
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
 }
 
 PSG_CLONES float exp_shift_sum(float* z, int64_t n, float m) {
@@ -154,6 +167,37 @@ PSG_CLONES void kahan_add_f32(const float* x, float* s, float* c, int64_t n) {
     s[i] = t;
   }
 }
+
+PSG_CLONES void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(float));
+  }
+}
+
+PSG_CLONES void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    dst[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  }
+}
+
+#if defined(__FLT16_MAX__)
+PSG_CLONES void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  const _Float16* s = reinterpret_cast<const _Float16*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+}
+
+PSG_CLONES void float_to_half(const float* src, uint16_t* dst, int64_t n) {
+  _Float16* d = reinterpret_cast<_Float16*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+}
+#else
+#error "pysafegeom: the compiler has no _Float16; build with GCC >= 12 or Clang >= 15"
+#endif
 
 }  // namespace cpu
 }  // namespace pysafegeom

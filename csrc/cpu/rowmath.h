@@ -28,5 +28,11 @@ void finish_grad_row(float* a, const float* w, int64_t n, float s);
 // Kahan step, elementwise: y = x - c; t = s + y; c = (t - s) - y; s = t.
 void kahan_add_f32(const float* x, float* s, float* c, int64_t n);
 
+// Widening / narrowing of 16-bit floats (bit patterns), round-to-nearest-even like c10::Half/BFloat16.
+void bf16_to_float(const uint16_t* src, float* dst, int64_t n);
+void float_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void half_to_float(const uint16_t* src, float* dst, int64_t n);
+void float_to_half(const float* src, uint16_t* dst, int64_t n);
+
 }  // namespace cpu
 }  // namespace pysafegeom
