@@ -105,6 +105,8 @@ def test_gather_positions_noncontiguous(backend, dtype):
 @pytest.mark.parametrize("B,T,P,d,G", [(6, 8, 3, 577, 3), (1, 3, 1, 40, 1)])
 def test_gather_accumulate(backend, dtype, acc, B, T, P, d, G):
     dev = _device(backend)
+    if _small(backend):
+        B, P, d = min(B, 3), min(P, 2), min(d, 129)
     hidden = _randn(B, T, d, seed=5, dtype=dtype, device=dev, scale=100.0)
     positions = torch.randint(0, T, (B, P), generator=_gen(6)).to(dev)
     groups = torch.randint(0, G, (B,), generator=_gen(7)).to(dev)
@@ -147,7 +149,7 @@ def _project64(x, Q, beta, alpha, v):
 def test_project_ablate(backend, dtype, N, d, k, beta, alpha, use_v):
     dev = _device(backend)
     if _small(backend):
-        N = min(N, 5)
+        N, d = min(N, 5), min(d, 129)
     x = _randn(N, d, seed=10, dtype=dtype, device=dev, scale=3.0)
     Q = _basis(d, k, seed=11, device=dev)
     v = _randn(d, seed=12, device=dev) if use_v else None
@@ -163,7 +165,7 @@ def test_project_ablate(backend, dtype, N, d, k, beta, alpha, use_v):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced3d"])
 def test_project_ablate_noncontiguous_and_inplace(backend, dtype, layout):
     dev = _device(backend)
-    N, d, k = (6 if _small(backend) else 33), 577, 4
+    N, d, k = (3, 129, 4) if _small(backend) else (33, 577, 4)
     base = _randn(d, N, seed=13, dtype=dtype, device=dev)
     if layout == "contiguous":
         x = base.T.contiguous()
@@ -193,7 +195,7 @@ def test_project_ablate_noncontiguous_and_inplace(backend, dtype, layout):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_orthogonalize_weight(backend, dtype, residual_dim, inplace):
     dev = _device(backend)
-    d, m, k = 577, (7 if _small(backend) else 301), 3
+    d, m, k = (129, 7, 3) if _small(backend) else (577, 301, 3)
     shape = (d, m) if residual_dim == 0 else (m, d)
     W = _randn(*shape, seed=17, dtype=dtype, device=dev, scale=0.05)
     Q = _basis(d, k, seed=18, device=dev)
@@ -241,7 +243,7 @@ def _ce64(h, W, targets, ignore_index):
 def test_chunked_cross_entropy(backend, dtype, N, d, V, chunk):
     dev = _device(backend)
     if _small(backend):
-        N, V, chunk = min(N, 3), min(V, 150), max(chunk, 40)
+        N, d, V, chunk = min(N, 3), min(d, 129), min(V, 150), max(chunk, 40)
     h = _randn(N, d, seed=21, dtype=dtype, device=dev)
     W = _randn(V, d, seed=22, dtype=dtype, device=dev, scale=d**-0.5 * 4)
     targets = torch.randint(0, V, (N,), generator=_gen(23)).to(dev)
