@@ -140,7 +140,7 @@ def build_library(plan: ExtensionPlan, build_dir: Path, verbose: bool = False) -
 
 
 try:
-    from setuptools import Extension, setup
+    from setuptools import find_packages, Extension, setup
     from setuptools.command.build_ext import build_ext
 except ImportError:  # pragma: no cover - setuptools is a build requirement
     raise
@@ -191,6 +191,8 @@ class CMakeBuild(build_ext):
 
 if __name__ == "__main__":
     setup(
+        # every pysafegeom subpackage, plus the top-level kernels/ folder installed as pysafegeom.kernels
+        packages=find_packages(include=["pysafegeom", "pysafegeom.*"]) + ["pysafegeom.kernels"],
         ext_modules=[Extension("pysafegeom._C", sources=[])],
         cmdclass={"build_ext": CMakeBuild},
     )
