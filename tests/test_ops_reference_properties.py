@@ -342,3 +342,19 @@ def test_reference_rejects_nothing_it_should_accept():
     assert ops.project_ablate(x, Q, backend="torch").shape == x.shape
     with pytest.raises(ops.OpInputError):
         ops.project_ablate(x, torch.randn(5, 2), backend="torch")  # not orthonormal
+
+
+def test_validation_memo_sees_in_place_changes():
+    """A remembered check is reused only while the tensor is unchanged: editing it re-runs the check."""
+    x = torch.randn(4, 6)
+    Q, _ = torch.linalg.qr(torch.randn(6, 2))
+    ops.project_ablate(x, Q, backend="torch")
+    Q.mul_(2.0)  # no longer orthonormal, same object
+    with pytest.raises(ops.OpInputError, match="not orthonormal"):
+        ops.project_ablate(x, Q, backend="torch")
+    h = torch.randn(2, 5, 3)
+    pos = torch.tensor([[0, 4], [1, 2]])
+    ops.gather_positions(h, pos, backend="torch")
+    pos[0, 0] = 7
+    with pytest.raises(ops.OpInputError, match="positions must lie"):
+        ops.gather_positions(h, pos, backend="torch")

@@ -90,6 +90,37 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: s
 
 # --- validation helpers ---------------------------------------------------------------------------
 
+class _Memo:
+    """Results of checks that need a device sync, remembered per (live tensor, version, key).
+
+    Hooks call an op many times with the same basis or positions tensor; the orthonormality and range
+    checks (which read values back from the device) then run once, not on every call. An entry only
+    matches the very same tensor object, unmodified since (``_version``).
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries: dict[tuple, tuple] = {}
+
+    def get(self, t: torch.Tensor, key: tuple):
+        e = self.entries.get((id(t),) + key)
+        if e is not None and e[0]() is t and e[1] == t._version:
+            return e[2]
+        return None
+
+    def put(self, t: torch.Tensor, key: tuple, value) -> None:
+        import weakref
+
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        try:
+            self.entries[(id(t),) + key] = (weakref.ref(t), t._version, value)
+        except TypeError:  # not weak-referenceable: do not remember
+            pass
+
+
+_memo = _Memo()
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise OpInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -121,6 +152,16 @@ def _same_device(**tensors: torch.Tensor | None) -> None:
 
 def _prepare_basis(Q: torch.Tensor, d: int, orthonormal: bool, device: torch.device) -> torch.Tensor:
     """Q as float32 contiguous [d, k]; checked orthonormal, or orthonormalised when the caller says it is not."""
+    key = ("basis", d, orthonormal, str(device))
+    hit = _memo.get(Q, key) if isinstance(Q, torch.Tensor) else None
+    if hit is not None:
+        return hit
+    Qf = _prepare_basis_uncached(Q, d, orthonormal, device)
+    _memo.put(Q, key, Qf)
+    return Qf
+
+
+def _prepare_basis_uncached(Q: torch.Tensor, d: int, orthonormal: bool, device: torch.device) -> torch.Tensor:
     _check_float("Q", Q) if Q.dtype != torch.float64 else None
     if Q.dim() == 1:
         Q = Q[:, None]
@@ -162,10 +203,15 @@ def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
         raise OpInputError(f"positions has {positions.shape[0]} rows but hidden has batch size {B}")
     if positions.shape[1] == 0:
         raise OpInputError("positions has no columns (P = 0)")
+    hit = _memo.get(positions, ("positions", T))
+    if hit is not None:
+        return hit
     lo, hi = int(positions.min()), int(positions.max())
     if lo < 0 or hi >= T:
         raise OpInputError(f"positions must lie in [0, T) = [0, {T}); got values from {lo} to {hi}")
-    return positions.to(torch.int64).contiguous()
+    out = positions.to(torch.int64).contiguous()
+    _memo.put(positions, ("positions", T), out)
+    return out
 
 
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
