@@ -51,11 +51,19 @@ def _default_examples():
 
 
 def _cmd_demo(args) -> int:
+    """Environment, prompt positions, then the protocol on the embedded model with a CPU-sized selection grid."""
     from . import info
+    from .analysis import analyze
 
     print(info.render(info.collect()))
     print()
     _show_positions(args.model, [p.text for p in _default_examples()], None, None)
+    print(f"\nrunning the protocol on {args.model} (bundled prompts; selection over layers 0, {args.layer_stride}, {2 * args.layer_stride}, ..., "
+          f"{args.n_val} validation prompts per side) ...")
+    res = analyze(args.model, n_val=args.n_val, selection_layer_stride=args.layer_stride)
+    out = res.save(args.out)
+    print("\n" + "\n".join(res.metrics["summary"]))
+    print(f"\nreport: {out / 'report.html'}  (run time {res.meta['timings_s']['total']} s)")
     return 0
 
 
@@ -118,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     s.set_defaults(func=_cmd_analyze)
 
-    s = sub.add_parser("demo", help="environment report and prompt positions on the embedded default model")
+    s = sub.add_parser("demo", help="environment, prompt positions and the protocol on the embedded default model")
     s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--out", default="demo_out", help="where the result and report go (default: demo_out)")
+    s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
+    s.add_argument("--layer-stride", type=int, default=3, help="search every n-th layer (default 3)")
     s.set_defaults(func=_cmd_demo)
     return p
 
