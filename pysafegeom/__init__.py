@@ -11,6 +11,10 @@ _LAZY = {
     "load_model": ("pysafegeom.models", "load_model"),
     "ModelAdapter": ("pysafegeom.models", "ModelAdapter"),
     "format_prompts": ("pysafegeom.prompts", "format_prompts"),
+    "analyze": ("pysafegeom.analysis", "analyze"),
+    "load_result": ("pysafegeom.analysis", "load_result"),
+    "drift": ("pysafegeom.analysis", "drift"),
+    "AnalysisConfig": ("pysafegeom.analysis", "AnalysisConfig"),
 }
 
 

@@ -366,3 +366,38 @@ def summarize(res: AnalysisResult) -> list[str]:
     if m["process_correlation"] is not None:
         lines.append(f"Per-prompt refusal readouts track harmfulness readouts with Spearman rho = {m['process_correlation']:.2f}.")
     return lines
+
+
+def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
+    """Carrier drift from result ``a`` (the reference anchor) to result ``b`` (PROTOCOL.md section 3).
+
+    Per layer: the single-direction drift 1 - |cos| of H and of R at t_post_inst; at ``a``'s reference
+    layer: the mean principal angle (degrees) between the k-dimensional subspaces Q_H and Q_R (each
+    result's own, fitted at its own reference layer); and the
+    change of the selected carrier's layer and position (relocation). Both results must come from models
+    of the same width and depth.
+    """
+    ca, cb = a.carriers, b.carriers
+    if ca.H.shape != cb.H.shape or ca.R.shape != cb.R.shape:
+        raise ValueError(f"results are not comparable: H {tuple(ca.H.shape)} vs {tuple(cb.H.shape)}, "
+                         f"R {tuple(ca.R.shape)} vs {tuple(cb.R.shape)}")
+    col_a, col_b = ca.post_names.index("eoi-1"), cb.post_names.index("eoi-1")
+
+    def per_layer(X, Y):
+        out = []
+        for x, y in zip(X, Y):
+            out.append(M.direction_drift(x, y) if x.norm() > 0 and y.norm() > 0 else None)
+        return out
+
+    return {
+        "layers": list(ca.layers),
+        "H_direction_drift": per_layer(ca.H, cb.H),
+        "R_direction_drift": per_layer(ca.R[:, col_a], cb.R[:, col_b]),
+        "Q_H_subspace_drift_deg": M.subspace_drift(b.Q_H, a.Q_H),
+        "Q_R_subspace_drift_deg": M.subspace_drift(b.Q_R, a.Q_R),
+        "reference_layers": [a.metrics["reference"]["layer"], b.metrics["reference"]["layer"]],
+        "selected": [(a.selection.layer, a.selection.position), (b.selection.layer, b.selection.position)],
+        "relocated": (a.selection.layer, a.selection.position) != (b.selection.layer, b.selection.position),
+        "coupling_change": (b.metrics["coupling"]["mid_band_mean"] - a.metrics["coupling"]["mid_band_mean"])
+        if a.metrics["coupling"]["mid_band_mean"] is not None and b.metrics["coupling"]["mid_band_mean"] is not None else None,
+    }

@@ -186,3 +186,44 @@ def test_interventions_restore_model_bit_for_bit(model, tok):
     with pytest.raises(ValueError, match="out of range"):
         with add(model, r, 9):
             pass
+
+
+def test_drift_between_results(result, model, tok):
+    from pysafegeom.analysis import drift
+
+    same = drift(result, result)
+    assert all(v is None or v == pytest.approx(0, abs=1e-9) for v in same["R_direction_drift"])
+    assert same["Q_R_subspace_drift_deg"] == pytest.approx(0, abs=1e-3) and not same["relocated"]
+    other_model = tiny_model("llama", tokenizer=tok, n_layers=4, d_model=48, seed=4)
+    other = analyze(other_model, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=2, selection_positions=["eoi-1"],
+                    progress=False)
+    d = drift(result, other)
+    assert max(v for v in d["H_direction_drift"] if v is not None) > 0.05
+    assert 0 < d["Q_H_subspace_drift_deg"] <= 90
+    wider = analyze(tiny_model("llama", tokenizer=tok, n_layers=4, d_model=32), HARMFUL, HARMLESS, XS, tokenizer=tok,
+                    n_val=2, selection_positions=["eoi-1"], progress=False)
+    with pytest.raises(ValueError, match="not comparable"):
+        drift(result, wider)
+
+
+def test_tiny_prompt_sets_are_refused_clearly(model, tok):
+    with pytest.raises(ValueError, match="training prompts"):
+        analyze(model, HARMFUL[:1], HARMLESS, XS, tokenizer=tok, progress=False)
+
+
+def test_report_renders_in_headless_chromium(result, tmp_path):
+    """The report as a reader sees it: rendered offline by Chromium into a non-blank screenshot."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine")
+    out = result.save(tmp_path / "run")
+    png = tmp_path / "shot.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--window-size=1200,2400", f"--screenshot={png}", (out / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # charts drawn, not an empty page
