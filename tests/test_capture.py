@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pysafegeom.models import tiny_model
-from pysafegeom.prompts import format_prompts
+
+from brute import positions_brute_force
 from pysafegeom.protocol.capture import capture, refusal_scores_from_logits
 
 SETS = {
@@ -15,48 +16,13 @@ SETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from pysafegeom.models import resolve
-    from pysafegeom.models.loading import ModelNotFound, _smollm2_gguf
-
-    try:
-        path = _smollm2_gguf()
-    except ModelNotFound as exc:
-        pytest.skip(str(exc))
-    t = AutoTokenizer.from_pretrained(str(resolve(str(path))))
-    t.padding_side = "left"
-    return t
-
-
-def _brute_force(model, tok, prompts):
-    """Per prompt, unpadded: residual at every block input and after the last block, at the protocol positions."""
-    from pysafegeom.models import ModelAdapter
-
-    ad = ModelAdapter(model)
-    rows, scores = [], []
-    for p in prompts:
-        fb = format_prompts(tok, [p])
-        pre = {}
-        h = ad.final_norm.register_forward_pre_hook(lambda m, a: pre.__setitem__("x", a[0]))
-        out = model(input_ids=fb.input_ids, attention_mask=fb.attention_mask, output_hidden_states=True)
-        h.remove()
-        hs = list(out.hidden_states[:-1]) + [pre["x"]]  # HF's last hidden state is post-norm; ours is the raw residual
-        hs = torch.stack(hs)[:, 0].double()  # [L+1, T, d]
-        rows.append(hs[:, fb.positions[0]])
-        scores.append(out.logits[0, -1])
-    return torch.stack(rows), torch.stack(scores)  # [n, L+1, P, d], [n, V]
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_capture_equals_brute_force(tok, arch):
+def test_capture_equalspositions_brute_force(tok, arch):
     model = tiny_model(arch, tokenizer=tok, n_layers=3, d_model=64, seed=1)
     rtoks = [tok.encode("I")[0], tok.encode("Sorry")[0]]
     cap = capture(model, tok, SETS, refusal_tokens=rtoks, batch_size=2, progress=False)
     for name, prompts in SETS.items():
-        ref, logits = _brute_force(model, tok, prompts)
+        ref, logits = positions_brute_force(model, tok, prompts)
         torch.testing.assert_close(cap.mean(name), ref.mean(0), atol=1e-5, rtol=1e-5)
         want_scores = refusal_scores_from_logits(logits, rtoks)
         torch.testing.assert_close(cap.scores[name], want_scores, atol=1e-4, rtol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,22 +20,6 @@ ENDINGS = [
     "Tell me a joke 😀",
     "x",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from pysafegeom.models.loading import _smollm2_gguf, ModelNotFound
-
-    try:
-        path = _smollm2_gguf()
-    except ModelNotFound as exc:
-        pytest.skip(str(exc))
-    from pysafegeom.models import resolve
-    from transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(resolve(str(path))))
-    t.padding_side = "left"
-    return t
 
 
 def _text_through_t_inst(tok, batch, b):

@@ -22,29 +22,12 @@ def build_info() -> str:
     return _ext.build_info()
 
 
-def _ops():
-    return torch.ops.pysafegeom
-
-
-def gather_positions(hidden, positions, out):
-    _ops().gather_positions(hidden, positions, out)
-
-
-def gather_accumulate(hidden, positions, groups, sums, counts, comp):
-    _ops().gather_accumulate(hidden, positions, groups, sums, counts, comp)
-
-
-def project_ablate(x, Q, beta, alpha, v, out, proj):
-    _ops().project_ablate(x, Q, float(beta), float(alpha), v, out, proj)
-
-
-def orthogonalize_weight(W, Q, residual_dim, out):
-    _ops().orthogonalize_weight(W, Q, int(residual_dim), out)
-
-
-def chunked_cross_entropy(h, W, targets, chunk_size, ignore_index, loss, grad):
-    _ops().chunked_cross_entropy(h, W, targets, int(chunk_size), int(ignore_index), loss, grad)
-
-
-def masked_topk(grad, k, forbidden, current):
-    return _ops().masked_topk(grad, int(k), forbidden, current)
+# the op wrappers are shared with the CUDA backend: the same library, dispatched by the tensors' device
+from ._ext import (  # noqa: E402,F401
+    chunked_cross_entropy,
+    gather_accumulate,
+    gather_positions,
+    masked_topk,
+    orthogonalize_weight,
+    project_ablate,
+)

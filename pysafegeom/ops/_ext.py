@@ -53,3 +53,33 @@ def build_info() -> str:
 def has_cuda_kernels() -> bool:
     """Whether the loaded library was compiled with the CUDA kernels."""
     return load()[0] and "cuda" in str(torch.ops.pysafegeom.build_info())
+
+
+# --- op wrappers (the backend contract of pysafegeom.ops); torch dispatches CPU or CUDA by device ----
+
+def _ops():
+    return torch.ops.pysafegeom
+
+
+def gather_positions(hidden, positions, out):
+    _ops().gather_positions(hidden, positions, out)
+
+
+def gather_accumulate(hidden, positions, groups, sums, counts, comp):
+    _ops().gather_accumulate(hidden, positions, groups, sums, counts, comp)
+
+
+def project_ablate(x, Q, beta, alpha, v, out, proj):
+    _ops().project_ablate(x, Q, float(beta), float(alpha), v, out, proj)
+
+
+def orthogonalize_weight(W, Q, residual_dim, out):
+    _ops().orthogonalize_weight(W, Q, int(residual_dim), out)
+
+
+def chunked_cross_entropy(h, W, targets, chunk_size, ignore_index, loss, grad):
+    _ops().chunked_cross_entropy(h, W, targets, int(chunk_size), int(ignore_index), loss, grad)
+
+
+def masked_topk(grad, k, forbidden, current):
+    return _ops().masked_topk(grad, int(k), forbidden, current)
