@@ -133,7 +133,7 @@ def _texts(spec, role: str) -> list[str]:
     return [p.text for p in load_prompts(spec, role=role)]
 
 
-def _split_user(spec, role: str) -> dict[str, list[str]]:
+def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
     """train / val / test prompt texts: bundled splits, a file's own splits, or a deterministic split."""
     from .data import load_prompts, split_prompts
 
@@ -147,8 +147,9 @@ def _split_user(spec, role: str) -> dict[str, list[str]]:
         raise ValueError(f"the {role} set has {len(out['train'])} training prompts; at least 2 are needed "
                          f"(give at least ~10 prompts in all)")
     for s in ("val", "test"):
-        if not out[s]:  # tiny sets: reuse training prompts rather than fail, and say so later
+        if not out[s]:  # tiny sets: reuse training prompts rather than fail, and say so
             out[s] = out["train"][: max(1, len(out["train"]) // 2)]
+            notes.append(f"the {role} set has no {s} prompts; {len(out[s])} training prompts were reused as {s} prompts")
     return out
 
 
@@ -216,8 +217,9 @@ def analyze(
     ad = ModelAdapter(model)
     L = ad.n_layers
 
-    hf = _split_user(harmful, "harmful")
-    hl = _split_user(harmless, "harmless")
+    notes: list[str] = []
+    hf = _split_user(harmful, "harmful", notes)
+    hl = _split_user(harmless, "harmless", notes)
     if set(hf["train"]) == set(hl["train"]):
         raise ValueError("the harmful and harmless prompt sets are the same prompts")
     xs = _texts(xstest, "xstest_safe")
@@ -331,6 +333,7 @@ def analyze(
         "position_names": cap.position_names,
         "timings_s": {"capture": round(t_capture, 2), "selection": round(t_select, 2), "total": round(time.perf_counter() - t_start, 2)},
         "capture_tokens": cap.n_tokens, "capture_padded_tokens": cap.n_padded_tokens,
+        "notes": notes,
     }
     res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(metrics), readouts, Q_H.float(), Q_R.float(),
                          _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}))
@@ -365,6 +368,7 @@ def summarize(res: AnalysisResult) -> list[str]:
         lines.append(f"The Latent Guard separates held-out harmful from harmless prompts with AUROC {lg['auroc']:.2f}.")
     if m["process_correlation"] is not None:
         lines.append(f"Per-prompt refusal readouts track harmfulness readouts with Spearman rho = {m['process_correlation']:.2f}.")
+    lines += [f"Note: {n}." for n in meta.get("notes", [])]
     return lines
 
 

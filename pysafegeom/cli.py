@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--out", default="demo_out", help="where the result and report go (default: demo_out)")
     s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
-    s.add_argument("--layer-stride", type=int, default=3, help="search every n-th layer (default 3)")
+    s.add_argument("--layer-stride", type=int, default=2, help="search every n-th layer (default 2)")
     s.set_defaults(func=_cmd_demo)
     return p
 

@@ -154,7 +154,6 @@ def capture(
 
     state: dict = {}
     need_final = L in layers or refusal_tokens is not None
-    last_block = max(l for l in layers if l < L) if any(l < L for l in layers) else -1
 
     def grab(slot):
         def hook(mod, args, kwargs):
@@ -185,7 +184,6 @@ def capture(
             handles.append(ad.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
         if refusal_tokens is not None:
             handles.append(ad.final_norm.register_forward_hook(head_hook))
-        del last_block
         n_tok = n_pad = 0
         with torch.no_grad():
             for batch_items in tqdm(batches, desc="capture", unit="batch", disable=not progress):
