@@ -198,3 +198,12 @@ def test_report_renders_in_headless_chromium(result, tmp_path):
                    check=True, capture_output=True, timeout=120)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # charts drawn, not an empty page
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma", "gpt2"])
+def test_analyze_runs_on_every_supported_architecture(tok, arch):
+    m = tiny_model(arch, tokenizer=tok, n_layers=3, d_model=32)
+    res = analyze(m, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=2, selection_positions=["eoi-1"], progress=False)
+    assert res.meta["arch"].lower().startswith(arch)
+    assert len(res.metrics["coupling"]["per_layer"]) == 4  # 3 block inputs + the residual after the last block
+    assert res.selection.outcome in ("selected", "selected_relaxed", "none")
