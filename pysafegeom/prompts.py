@@ -162,6 +162,87 @@ def split_template(tokenizer, template: str | None = None, system: str | None = 
     return TemplateSplit(prefix, suffix, tuple(suffix_ids), tpl)
 
 
+_PROBE = "  \n PSG probe: Ünïcödé {x} \t\n "
+
+
+@dataclass
+class EncodedPrompts:
+    """Unpadded token rows of formatted prompts: ``rows[i] = tokens(prefix + instruction_i) + suffix_ids``."""
+
+    split: TemplateSplit
+    rows: list[list[int]]
+    instructions: list[str]
+
+
+def _content_is_verbatim(tokenizer, split: TemplateSplit, system: str | None) -> bool:
+    """Whether the template inserts the user content unchanged (then per-prompt rendering can be skipped)."""
+    rendered = _render(tokenizer, split.template, _PROBE, system)
+    return rendered == split.prefix + _PROBE + split.suffix
+
+
+def encode_prompts(
+    tokenizer,
+    instructions: list[str],
+    *,
+    system: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+) -> EncodedPrompts:
+    """Validate and tokenise ``instructions`` with the chat template (no padding); see :func:`format_prompts`."""
+    if isinstance(instructions, str):
+        raise TypeError("instructions must be a list of strings, not one string")
+    instructions = list(instructions)
+    if not instructions:
+        raise ValueError("no instructions to format: the prompt list is empty")
+    for i, s in enumerate(instructions):
+        if not isinstance(s, str):
+            raise TypeError(f"instruction {i} is a {type(s).__name__}, not a string")
+        if not s.strip():
+            raise ValueError(f"instruction {i} is empty or only whitespace")
+    split = split_template(tokenizer, template, system)
+    if _content_is_verbatim(tokenizer, split, system):
+        bodies = instructions
+    else:  # the template transforms the content (e.g. trims it): take each rendered instruction text
+        bodies = []
+        for s in instructions:
+            rendered = _render(tokenizer, split.template, s, system)
+            if not (rendered.startswith(split.prefix) and rendered.endswith(split.suffix)):
+                raise TemplateError("the chat template renders text around the instruction that depends on the "
+                                    "instruction; cannot locate positions consistently")
+            bodies.append(rendered[len(split.prefix): len(rendered) - len(split.suffix)])
+    heads = tokenizer([split.prefix + b for b in bodies], add_special_tokens=False)["input_ids"]
+    rows = [list(h) + list(split.suffix_ids) for h in heads]
+    if max_length is not None:
+        worst = max(range(len(rows)), key=lambda i: len(rows[i]))
+        if len(rows[worst]) > max_length:
+            raise ValueError(f"prompt {worst} is {len(rows[worst])} tokens long, more than the model's context of "
+                             f"{max_length} tokens")
+    return EncodedPrompts(split, rows, instructions)
+
+
+def pad_prompts(tokenizer, enc: EncodedPrompts, indices: list[int] | None = None,
+                device: str | torch.device | None = None) -> PromptBatch:
+    """Left-pad the rows ``indices`` (default: all) of ``enc`` into a :class:`PromptBatch`."""
+    idx = list(range(len(enc.rows))) if indices is None else list(indices)
+    rows = [enc.rows[i] for i in idx]
+    lengths = [len(r) for r in rows]
+    T = max(lengths)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise TemplateError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    B, n_post = len(rows), len(enc.split.suffix_ids)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):] = 1
+    post = torch.arange(T - n_post, T, dtype=torch.long).expand(B, n_post).contiguous()
+    t_inst = torch.full((B,), T - n_post - 1, dtype=torch.long)
+    batch = PromptBatch(ids, mask, t_inst, post, enc.split.prefix, enc.split.suffix, list(enc.split.suffix_ids),
+                        [enc.instructions[i] for i in idx], lengths)
+    return batch.to(device) if device is not None else batch
+
+
 def format_prompts(
     tokenizer,
     instructions: list[str],
@@ -177,42 +258,5 @@ def format_prompts(
     string. ``system``: an optional system prompt. ``max_length``: raise if a prompt is longer (e.g.
     the model's context size).
     """
-    if isinstance(instructions, str):
-        raise TypeError("instructions must be a list of strings, not one string")
-    instructions = list(instructions)
-    if not instructions:
-        raise ValueError("no instructions to format: the prompt list is empty")
-    for i, s in enumerate(instructions):
-        if not isinstance(s, str):
-            raise TypeError(f"instruction {i} is a {type(s).__name__}, not a string")
-        if not s.strip():
-            raise ValueError(f"instruction {i} is empty or only whitespace")
-    split = split_template(tokenizer, template, system)
-    rows = []
-    for s in instructions:
-        # the template may transform the content (e.g. trim it): take the rendered instruction text
-        rendered = _render(tokenizer, split.template, s, system)
-        if not (rendered.startswith(split.prefix) and rendered.endswith(split.suffix)):
-            raise TemplateError("the chat template renders text around the instruction that depends on the instruction; "
-                                "cannot locate positions consistently")
-        body = rendered[len(split.prefix): len(rendered) - len(split.suffix)]
-        head = tokenizer(split.prefix + body, add_special_tokens=False)["input_ids"]
-        rows.append(head + list(split.suffix_ids))
-    lengths = [len(r) for r in rows]
-    T = max(lengths)
-    if max_length is not None and T > max_length:
-        worst = max(range(len(rows)), key=lambda i: lengths[i])
-        raise ValueError(f"prompt {worst} is {T} tokens long, more than the model's context of {max_length} tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise TemplateError("the tokenizer has neither a pad token nor an EOS token to pad with")
-    B, n_post = len(rows), len(split.suffix_ids)
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r):] = 1
-    post = torch.arange(T - n_post, T, dtype=torch.long).expand(B, n_post).contiguous()
-    t_inst = torch.full((B,), T - n_post - 1, dtype=torch.long)
-    batch = PromptBatch(ids, mask, t_inst, post, split.prefix, split.suffix, list(split.suffix_ids), instructions, lengths)
-    return batch.to(device) if device is not None else batch
+    enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=max_length)
+    return pad_prompts(tokenizer, enc, device=device)

@@ -118,3 +118,17 @@ def test_bad_instructions(tok, bad, err):
 def test_prompt_longer_than_context(tok):
     with pytest.raises(ValueError, match="context"):
         format_prompts(tok, ["word " * 100], max_length=32)
+
+
+def test_template_that_transforms_content_is_followed(tok):
+    """A template that trims the user content: the prompt is what the template renders, positions still exact."""
+    trimming = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] | trim) + '<|im_end|>\n' }}"
+                "{% endfor %}{{ '<|im_start|>assistant\n' }}")
+    texts = ["  padded both sides   ", "plain"]
+    batch = format_prompts(tok, texts, template=trimming)
+    for b, text in enumerate(texts):
+        assert _text_through_t_inst(tok, batch, b) == batch.prefix + text.strip()
+        want = tok.apply_chat_template([{"role": "user", "content": text}], chat_template=trimming, tokenize=False,
+                                       add_generation_prompt=True)
+        start = batch.input_ids.shape[1] - batch.lengths[b]
+        assert tok.decode(batch.input_ids[b, start:].tolist()) == want

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..models import ModelAdapter
-from ..prompts import format_prompts, split_template
+from ..prompts import encode_prompts, pad_prompts
 
 EPS_SCORE = 1e-8
 
@@ -82,6 +82,16 @@ def _layer_input(args, kwargs):
     return kwargs["hidden_states"]
 
 
+def _pad_mixed(tokenizer, encoded, names, batch_items, device):
+    """One left-padded batch from rows of several encoded sets (all formatted with the same template)."""
+    from ..prompts import EncodedPrompts
+
+    first = encoded[names[batch_items[0][0]]]
+    rows = [encoded[names[s]].rows[i] for s, i, _ in batch_items]
+    texts = [encoded[names[s]].instructions[i] for s, i, _ in batch_items]
+    return pad_prompts(tokenizer, EncodedPrompts(first.split, rows, texts), device=device)
+
+
 def auto_batch_size(model, max_len: int, device: torch.device) -> int:
     """A batch size that fits: a token budget on CPU; free memory over the per-token activation cost on GPU."""
     if device.type == "cuda":
@@ -129,13 +139,12 @@ def capture(
     device = ad.device
     max_ctx = getattr(model.config, "max_position_embeddings", None)
 
-    # format everything once to learn lengths; batches are re-formatted per bucket (left padding)
+    # tokenise every prompt once; batches of similar length are padded from these rows
     names = list(sets)
-    items = []  # (set index, prompt index, text, length)
-    for s, name in enumerate(names):
-        fb = format_prompts(tokenizer, sets[name], template=template, system=system, max_length=max_ctx)
-        items += [(s, i, t, n) for i, (t, n) in enumerate(zip(sets[name], fb.lengths))]
-    n_post = len(split_template(tokenizer, template, system).suffix_ids)
+    encoded = {name: encode_prompts(tokenizer, sets[name], template=template, system=system, max_length=max_ctx)
+               for name in names}
+    items = [(s, i, len(row)) for s, name in enumerate(names) for i, row in enumerate(encoded[name].rows)]
+    n_post = len(encoded[names[0]].split.suffix_ids)
     position_names = ["t_inst"] + [f"eoi-{n_post - j}" for j in range(n_post)]
     unknown = [p for p in keep_positions if p not in position_names]
     if unknown:
@@ -148,8 +157,8 @@ def capture(
     per_prompt = {name: {p: torch.zeros(len(sets[name]), nl, d) for p in keep_positions} for name in names}
     scores = {name: torch.zeros(len(sets[name]), dtype=torch.float64) for name in names} if refusal_tokens else {}
 
-    items.sort(key=lambda it: it[3])
-    bs = batch_size or auto_batch_size(model, items[-1][3], device)
+    items.sort(key=lambda it: it[2])
+    bs = batch_size or auto_batch_size(model, items[-1][2], device)
     batches = [items[i:i + bs] for i in range(0, len(items), bs)]
 
     state: dict = {}
@@ -187,8 +196,7 @@ def capture(
         n_tok = n_pad = 0
         with torch.no_grad():
             for batch_items in tqdm(batches, desc="capture", unit="batch", disable=not progress):
-                texts = [it[2] for it in batch_items]
-                fb = format_prompts(tokenizer, texts, template=template, system=system, device=device)
+                fb = _pad_mixed(tokenizer, encoded, names, batch_items, device)
                 state["pos"] = fb.positions
                 state["rows"] = [None] * nl
                 state["scores"] = None
