@@ -12,14 +12,13 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ._io import atomic_dir
 from .protocol import metrics as M
 from .protocol.capture import capture
 from .protocol.carriers import REFUSAL_PHRASES, Carriers, find_refusal_tokens, fit_carriers
@@ -84,9 +83,7 @@ class AnalysisResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
                        "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous()}, str(tmp / "carriers.safetensors"))
@@ -94,17 +91,6 @@ class AnalysisResult:
                 from .report import render_report
 
                 (tmp / "report.html").write_text(render_report(self), encoding="utf-8")
-            os.chmod(tmp, 0o755)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 

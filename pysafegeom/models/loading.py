@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .._io import atomic_dir
 
 
 class ModelNotFound(FileNotFoundError):
@@ -100,9 +100,7 @@ def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # if another process finished first, keep its copy
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # the weights are already dequantised to float32; drop the GGUF marker so they can be saved as such
@@ -114,14 +112,6 @@ def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "pysafegeom_source.json").write_text(json.dumps({"source": str(gguf), "format": "gguf"}))
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
