@@ -84,6 +84,42 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .data import load_default
+    from .models import load_model
+    from .train import TrainConfig, build_safety_dataset, run
+
+    def ints(text):
+        return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
+
+    cfg = TrainConfig(recipe=args.recipe, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lr=args.lr,
+                      schedule=args.schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, steps=args.steps, save_at=ints(args.save_at), seed=args.seed,
+                      max_len=args.max_len)
+    cfg.validate()
+    model, tok = load_model(args.model, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    harmful = load_default("harmful", "train") if args.harmful is None else _read_prompts(args.harmful)
+    harmless = load_default("harmless", "train") if args.harmless is None else _read_prompts(args.harmless)
+    examples = build_safety_dataset(model, tok, harmful, harmless, refusals=cfg.refusal_phrasings,
+                                    answers_file=args.answers, cache_file=out / "distill.jsonl",
+                                    max_new_tokens=args.distill_tokens)
+    print(f"{len(examples)} examples ({len(harmful)} refusals, {len(harmless)} helpful answers) -> {out}", file=sys.stderr)
+    res = run(model, tok, examples, cfg, out, resume=args.resume, base_spec=args.model)
+    print(f"done: {cfg.steps} steps in {res.seconds:.0f} s ({res.tokens_per_s:.0f} tokens/s), final loss "
+          f"{res.losses[-1]:.4f}; checkpoints: {', '.join(str(s) for s in res.checkpoints)}; final: {res.final_checkpoint}")
+    return 0
+
+
+def _read_prompts(path):
+    from .data import load_prompts
+
+    return load_prompts(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -132,6 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
     s.add_argument("--layer-stride", type=int, default=2, help="search every n-th layer (default 2)")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("train", help="safety fine-tuning (SFT, LoRA or full) with checkpoints and resume",
+                       description="Fine-tune a model on harmful requests paired with refusals and harmless instructions "
+                                   "paired with helpful answers (by default the model's own greedy answers).",
+                       epilog="example: pysafegeom train --recipe sft --model smollm2-135m-instruct --out runs/sft "
+                              "--steps 100 --save-at 50,100")
+    s.add_argument("--recipe", default="sft", help="training recipe (default: sft)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model (default: {DEFAULT_MODEL})")
+    s.add_argument("--out", required=True, help="output folder: checkpoint-STEP/ folders and distill.jsonl")
+    s.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    s.add_argument("--save-at", default="", help="comma-separated steps to checkpoint at (the last is always saved)")
+    s.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    s.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    s.add_argument("--warmup-steps", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--max-len", type=int, default=256)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
+    g.add_argument("--full", dest="lora", action="store_false", help="train all weights")
+    s.add_argument("--lora-r", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    s.add_argument("--answers", default=None, help="JSONL of {prompt, response} helpful answers (default: self-distillation)")
+    s.add_argument("--distill-tokens", type=int, default=96, help="max new tokens of self-distilled answers (default 96)")
+    s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled train split)")
+    s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled train split)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.set_defaults(func=_cmd_train)
     return p
 
 

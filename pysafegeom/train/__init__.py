@@ -1,0 +1,11 @@
+"""Safety fine-tuning: ``run(model, tokenizer, examples, TrainConfig(...), out_dir)`` with a recipe from
+:data:`RECIPES` (SFT now; full or LoRA), deterministic, checkpointed and resumable.
+"""
+
+from .data import DEFAULT_REFUSALS, Example, build_safety_dataset, encode_examples, end_of_turn_ids, read_answers
+from .generate import REFUSAL_SUBSTRINGS, greedy_generate, is_refusal, refusal_rate
+from .sft import RECIPES, Recipe, SFTRecipe, TrainConfig, TrainResult, checkpoints, run
+
+__all__ = ["DEFAULT_REFUSALS", "Example", "build_safety_dataset", "encode_examples", "end_of_turn_ids", "read_answers",
+           "REFUSAL_SUBSTRINGS", "greedy_generate", "is_refusal", "refusal_rate",
+           "RECIPES", "Recipe", "SFTRecipe", "TrainConfig", "TrainResult", "checkpoints", "run"]

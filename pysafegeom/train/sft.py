@@ -1,0 +1,420 @@
+"""Supervised safety fine-tuning (SFT), full or LoRA, in one readable module.
+
+``run(model, tokenizer, examples, config, out_dir)`` trains on (instruction, response) pairs with the
+loss on response tokens only, under the model's chat template. Everything that decides the result is
+fixed by ``config.seed``: the LoRA initialisation, the data order (a fresh permutation per epoch from a
+seeded ``torch.Generator``) and dropout (RNG states are checkpointed). Checkpoints are written at the
+steps in ``config.save_at`` and at the last step, each as ``out_dir/checkpoint-{step}/`` holding a model
+that :func:`pysafegeom.models.load_model` opens (a PEFT adapter folder for LoRA, a full model folder
+otherwise) and ``trainer_state.pt`` (optimizer, scheduler, RNG states, step, data position). A
+checkpoint is written to a temporary folder and renamed into place, so a kill never leaves half of one.
+``run(..., resume=True)`` continues from the latest checkpoint and ends with the same weights as an
+uninterrupted run.
+
+Recipes: the loss is built by a :class:`Recipe` from :data:`RECIPES`; SFT is the only one here. An
+adversarial recipe (R2D2: GCG test-case pool, away and toward losses) subclasses :class:`Recipe`,
+overrides ``build_loss`` (and ``on_step`` to refresh its pool) and registers itself in ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Training options; every default is a working choice for a ~100M-parameter chat model on CPU.
+
+    recipe: name in :data:`RECIPES` ("sft").
+    lora: train a LoRA adapter (True) or all weights (False).
+    lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator (scale = alpha / r), dropout.
+    lora_targets: module names to adapt, or "all-linear" (every linear layer in attention and MLP
+        blocks; the output head is left alone).
+    lr: peak learning rate (AdamW). weight_decay: AdamW decoupled weight decay.
+    schedule: "cosine" (decay to 0 at ``steps``) or "constant", both after ``warmup_steps`` linear warmup.
+    batch_size: examples per micro-batch; grad_accum: micro-batches per optimizer step.
+    steps: optimizer steps. save_at: steps to checkpoint at (the last step is always checkpointed).
+    seed: fixes LoRA init, data order and dropout. max_len: tokens per example (responses are cut).
+    max_grad_norm: gradient clipping (0 disables).
+    refusal_phrasings: the refusals paired with harmful prompts by :func:`build_safety_dataset`.
+    template/system: chat template (None: the tokenizer's own) and optional system prompt.
+    """
+
+    recipe: str = "sft"
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 100
+    save_at: tuple[int, ...] = ()
+    seed: int = 0
+    max_len: int = 256
+    max_grad_norm: float = 1.0
+    refusal_phrasings: tuple[str, ...] = DEFAULT_REFUSALS
+    template: str | None = None
+    system: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the bad option; returns self."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(sorted(RECIPES))}")
+
+        def bad(name, why):
+            raise ValueError(f"invalid training option {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.steps, int) or self.steps < 1:
+            bad("steps", "must be an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "must be a positive finite number")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.schedule not in ("cosine", "constant"):
+            bad("schedule", "must be 'cosine' or 'constant'")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            bad("warmup_steps", f"must be in [0, steps={self.steps})")
+        if self.batch_size < 1:
+            bad("batch_size", "must be >= 1")
+        if self.grad_accum < 1:
+            bad("grad_accum", "must be >= 1")
+        if self.max_len < 2:
+            bad("max_len", "must be >= 2")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+        if self.lora:
+            if not isinstance(self.lora_r, int) or self.lora_r < 1:
+                bad("lora_r", "must be an integer >= 1")
+            if self.lora_alpha <= 0:
+                bad("lora_alpha", "must be > 0")
+            if not 0 <= self.lora_dropout < 1:
+                bad("lora_dropout", "must be in [0, 1)")
+        self.save_at = tuple(sorted(set(int(s) for s in self.save_at)))
+        for s in self.save_at:
+            if not 1 <= s <= self.steps:
+                bad("save_at", f"step {s} is outside 1..steps={self.steps}")
+        if not self.refusal_phrasings or any(not str(r).strip() for r in self.refusal_phrasings):
+            bad("refusal_phrasings", "must be a non-empty list of non-empty strings")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+
+class Recipe:
+    """How a batch becomes a loss. Subclasses set ``name`` and implement :meth:`build_loss`."""
+
+    name = "base"
+
+    def __init__(self, model, tokenizer, config: TrainConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+
+    def build_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_step(self, step: int) -> None:
+        """Called after each optimizer step (an adversarial recipe refreshes its test cases here)."""
+
+    def state_dict(self) -> dict:
+        """Recipe state to checkpoint (e.g. an attack pool); SFT has none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens whose label is not -100."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+class SFTRecipe(Recipe):
+    """Cross-entropy on the response tokens (refusals for harmful prompts, helpful answers otherwise)."""
+
+    name = "sft"
+
+    def build_loss(self, batch):
+        return response_nll(self.model, batch)
+
+
+RECIPES: dict[str, type[Recipe]] = {"sft": SFTRecipe}
+
+
+# ----------------------------------------------------------------------------------------------- result
+
+@dataclass
+class TrainResult:
+    model: object  # the trained model (a PeftModel for LoRA)
+    tokenizer: object
+    losses: list[float]  # per optimizer step, from the first step of this run's history (resumed runs included)
+    checkpoints: dict[int, str] = field(default_factory=dict)
+    final_checkpoint: str | None = None
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    resumed_from: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _schedule(config: TrainConfig):
+    def f(step):  # step: optimizer steps taken so far (LambdaLR convention)
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _micro_batch(cursor: int, n: int, bs: int, seed: int) -> list[int]:
+    """Indices of the micro-batch starting at position ``cursor`` of the endless per-epoch-shuffled stream."""
+    out, orders = [], {}
+    for k in range(cursor, cursor + bs):
+        e = k // n
+        if e not in orders:
+            orders[e] = _order(n, seed, e)
+        out.append(orders[e][k % n])
+    return out
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def checkpoints(out_dir: str | os.PathLike) -> dict[int, Path]:
+    """Complete checkpoints in ``out_dir``: ``{step: folder}``."""
+    out = {}
+    root = Path(out_dir)
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith("checkpoint-") and (d / STATE_FILE).is_file():
+                try:
+                    out[int(d.name.split("-", 1)[1])] = d
+                except ValueError:
+                    pass
+    return dict(sorted(out.items()))
+
+
+def _has_chat_template(tokenizer, template) -> None:
+    from ..prompts import split_template
+
+    split_template(tokenizer, template)  # raises TemplateError (a ValueError) with a clear message
+
+
+def _prepare_model(model, config: TrainConfig, base_spec: str | None):
+    torch.manual_seed(config.seed)
+    if config.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError("LoRA training needs peft: pip install peft (or pass lora=False)") from None
+        targets = config.lora_targets if isinstance(config.lora_targets, str) else list(config.lora_targets)
+        lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lcfg)
+        except ValueError as exc:
+            raise ValueError(f"invalid training option lora_targets={config.lora_targets!r}: {exc}") from None
+        model.peft_config["default"].base_model_name_or_path = base_spec
+    else:
+        model.requires_grad_(True)
+    model.train()
+    return model
+
+
+def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, config: TrainConfig, out_dir: Path,
+                     step: int, cursor: int, losses: list[float], base_spec: str | None) -> Path:
+    final = out_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out_dir))
+    try:
+        if config.lora:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            cfg_path = tmp / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = base_spec
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        torch.save({"step": step, "cursor": cursor, "losses": list(losses), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": recipe.state_dict(),
+                    "config": asdict(config)}, tmp / STATE_FILE)
+        (tmp / "train_config.json").write_text(json.dumps({**asdict(config), "base_model": base_spec}, indent=2, default=str))
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _trainable_state(model, config) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_weights(model, ckpt: Path, config: TrainConfig) -> None:
+    from safetensors.torch import load_file
+
+    if config.lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    else:
+        files = sorted(ckpt.glob("*.safetensors"))
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # tied weights (lm_head = embed_tokens) are saved once; anything else missing is an error
+        missing = [m for m in missing if "lm_head" not in m]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: str | os.PathLike = "train_out", *,
+        resume: bool = False, progress: bool = True, callback=None, device=None,
+        base_spec: str | None = None) -> TrainResult:
+    """Train ``model`` on ``examples`` with ``config`` and write checkpoints to ``out_dir``.
+
+    model: a spec for :func:`~pysafegeom.models.load_model` (name, folder, .gguf) or a loaded model (then
+        LoRA checkpoints name ``model.config._name_or_path`` as their base; pass a spec so they name it).
+    tokenizer: the tokenizer, or None to take the one ``load_model`` returns (spec only).
+    examples: :class:`~pysafegeom.train.data.Example` objects or (instruction, response) pairs.
+    resume: continue from the latest checkpoint in ``out_dir`` (same config) instead of starting over.
+    callback: ``callback(step, loss)`` after every optimizer step (raise from it to stop the run).
+    base_spec: the name LoRA checkpoints give as their base (default: the spec, or the loaded model's path).
+    """
+    config = (config or TrainConfig()).validate()
+    examples = as_examples(examples)
+    if not examples:
+        raise ValueError("empty dataset: no training examples")
+    if isinstance(model, (str, os.PathLike)):
+        from ..models import load_model
+
+        base_spec = base_spec or str(model)
+        model, tok2 = load_model(base_spec, device=device)
+        tokenizer = tokenizer or tok2
+    else:
+        base_spec = base_spec or getattr(model.config, "_name_or_path", None) or None
+        if device is not None:
+            model.to(device)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer with a loaded model")
+    _has_chat_template(tokenizer, config.template)
+    rows = encode_examples(tokenizer, examples, max_len=config.max_len, template=config.template, system=config.system)
+    if not any(any(l != IGNORE for l in r["labels"]) for r in rows):
+        raise ValueError("empty dataset: no example has a response token to train on")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = _prepare_model(model, config, base_spec)
+    dev = next(model.parameters()).device
+    recipe = RECIPES[config.recipe](model, tokenizer, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+
+    step, cursor, losses, resumed_from = 0, 0, [], None
+    saved = {}
+    if resume:
+        found = checkpoints(out_dir)
+        if found:
+            resumed_from, ckpt = max(found.items())
+            state = torch.load(ckpt / STATE_FILE, weights_only=False)
+            old = {k: v for k, v in state["config"].items() if k not in ("save_at",)}
+            new = {k: v for k, v in asdict(config).items() if k not in ("save_at",)}
+            diff = [k for k in new if json.dumps(old.get(k), default=str) != json.dumps(new[k], default=str)]
+            if diff:
+                raise ValueError(f"cannot resume from {ckpt}: its config differs in {', '.join(diff)}")
+            _load_weights(model, ckpt, config)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            recipe.load_state_dict(state["recipe"])
+            _set_rng_state(state["rng"])
+            step, cursor, losses = state["step"], state["cursor"], list(state["losses"])
+            saved = {s: str(p) for s, p in found.items()}
+
+    from tqdm.auto import tqdm
+
+    save_steps = set(config.save_at) | {config.steps}
+    n = len(rows)
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.recipe}{' lora' if config.lora else ''}",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        while step < config.steps:
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(config.grad_accum):
+                idx = _micro_batch(cursor, n, config.batch_size, config.seed)
+                cursor += config.batch_size
+                batch = {k: v.to(dev) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+                tokens += int(batch["attention_mask"].sum())
+                loss = recipe.build_loss(batch) / config.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(total)
+            recipe.on_step(step)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+            if step in save_steps:
+                saved[step] = str(_save_checkpoint(model, tokenizer, optimizer, scheduler, recipe, config, out_dir,
+                                                   step, cursor, losses, base_spec))
+            if callback is not None:
+                callback(step, total)
+    finally:
+        bar.close()
+    model.eval()
+    elapsed = time.perf_counter() - t0
+    return TrainResult(model=model, tokenizer=tokenizer, losses=losses, checkpoints=dict(sorted(saved.items())),
+                       final_checkpoint=saved.get(config.steps), seconds=elapsed,
+                       tokens_per_s=tokens / max(elapsed, 1e-9), resumed_from=resumed_from)
