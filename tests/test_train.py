@@ -12,7 +12,8 @@ pytest.importorskip("peft")
 from pysafegeom.models import load_model  # noqa: E402
 from pysafegeom.models.tiny import tiny_model  # noqa: E402
 from pysafegeom.train import (  # noqa: E402
-    DEFAULT_REFUSALS, RECIPES, Recipe, TrainConfig, build_safety_dataset, checkpoints, encode_examples, greedy_generate,
+    DEFAULT_REFUSALS, RECIPES, Recipe, TrainConfig, build_safety_dataset, checkpoints, encode_examples, export_adapter,
+    greedy_generate,
     is_refusal, run,
 )
 
@@ -83,6 +84,10 @@ def test_lora_checkpoints_load_through_load_model(base, tmp_path):
     assert not any("lora" in k for k in model.state_dict())
     ids = torch.tensor([tk("Hello world")["input_ids"]])
     torch.testing.assert_close(model(ids).logits, res.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    small = export_adapter(res.final_checkpoint, tmp_path / "shipped", base=base)  # bfloat16, no trainer state
+    assert sorted(p.name for p in small.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    model16, _ = load_model(small, device="cpu")
+    torch.testing.assert_close(model16(ids).logits, model(ids).logits, atol=1e-2, rtol=1e-2)
 
 
 class _Kill(Exception):

@@ -418,3 +418,22 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     return TrainResult(model=model, tokenizer=tokenizer, losses=losses, checkpoints=dict(sorted(saved.items())),
                        final_checkpoint=saved.get(config.steps), seconds=elapsed,
                        tokens_per_s=tokens / max(elapsed, 1e-9), resumed_from=resumed_from)
+
+
+def export_adapter(checkpoint: str | os.PathLike, dest: str | os.PathLike, *, base: str | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a LoRA checkpoint's adapter (weights cast to ``dtype``, config with base ``base``) to ``dest``,
+    without the trainer state: a small folder that :func:`~pysafegeom.models.load_model` opens."""
+    from safetensors.torch import load_file, save_file
+
+    src, dest = Path(checkpoint), Path(dest)
+    if not (src / "adapter_config.json").is_file():
+        raise ValueError(f"{src} is not a LoRA checkpoint (no adapter_config.json)")
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    if base is not None:
+        cfg["base_model_name_or_path"] = base
+    (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    save_file(state, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dest
