@@ -348,6 +348,8 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".checkpoint-*.tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
 
     model = _prepare_model(model, config, base_spec)
     dev = next(model.parameters()).device
