@@ -62,6 +62,24 @@ register_model(
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _anchor(name: str) -> Callable[[], Path]:
+    """A LoRA adapter shipped inside the package (``pysafegeom/anchors/<name>``), merged into its base on load."""
+    def locate() -> Path:
+        path = Path(__file__).resolve().parent.parent / "anchors" / name
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotFound(f"the bundled adapter {name!r} is missing from {path}; reinstall pysafegeom")
+        return path
+    return locate
+
+
+register_model(
+    "smollm2-135m-safety",
+    "SmolLM2-135M-Instruct + a bundled LoRA safety adapter (SFT: refusals for harmful requests, self-distilled "
+    "answers otherwise; see pysafegeom/anchors/smollm2-135m-safety/RECIPE.md)",
+    _anchor("smollm2-135m-safety"),
+)
+
+
 def cache_dir() -> Path:
     """Where dequantised models are cached: ``$PYSAFEGEOM_CACHE`` or ``~/.cache/pysafegeom``."""
     root = os.environ.get("PYSAFEGEOM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pysafegeom")
