@@ -91,8 +91,8 @@ class TrainConfig:
             bad("weight_decay", "must be >= 0")
         if self.schedule not in ("cosine", "constant"):
             bad("schedule", "must be 'cosine' or 'constant'")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-            bad("warmup_steps", f"must be in [0, steps={self.steps})")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            bad("warmup_steps", f"must be in [0, steps={self.steps}]")
         if self.batch_size < 1:
             bad("batch_size", "must be >= 1")
         if self.grad_accum < 1:
