@@ -23,13 +23,13 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_dir
 from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
 
 STATE_FILE = "trainer_state.pt"
@@ -262,28 +262,18 @@ def _prepare_model(model, config: TrainConfig, base_spec: str | None):
 def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, config: TrainConfig, out_dir: Path,
                      step: int, cursor: int, losses: list[float], base_spec: str | None) -> Path:
     final = out_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out_dir))
-    try:
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
         if config.lora:
-            model.save_pretrained(str(tmp), safe_serialization=True)
             cfg_path = tmp / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = base_spec
             cfg_path.write_text(json.dumps(cfg, indent=2))
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         torch.save({"step": step, "cursor": cursor, "losses": list(losses), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": recipe.state_dict(),
                     "config": asdict(config)}, tmp / STATE_FILE)
         (tmp / "train_config.json").write_text(json.dumps({**asdict(config), "base_model": base_spec}, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
