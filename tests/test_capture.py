@@ -33,7 +33,11 @@ def test_capture_equalspositions_brute_force(tok, arch):
         refused = int((want_scores > 0).sum())
         assert cap.count(name, refused=True) == refused
         assert cap.count(name) == len(prompts)
-    assert cap.n_tokens < cap.n_padded_tokens or cap.n_tokens == cap.n_padded_tokens
+    # real tokens counted are exactly the unpadded prompt lengths
+    from pysafegeom.prompts import encode_prompts
+
+    want = sum(len(r) for prompts in SETS.values() for r in encode_prompts(tok, prompts).rows)
+    assert cap.n_tokens == want <= cap.n_padded_tokens
 
 
 def test_capture_subset_of_layers_stops_early(tok):

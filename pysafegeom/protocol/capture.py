@@ -220,12 +220,15 @@ def capture(
                 flat = rows.reshape(B, nl * P, d)
                 ident = torch.arange(nl * P, device=device).expand(B, nl * P)
                 ops.gather_accumulate(flat, ident, groups, sums, counts, backend=backend)
+                # one device-to-host copy per batch, not one per prompt
+                kept = rows[:, :, keep_cols].float().cpu()  # [B, nl, n_keep, d]
+                batch_scores = state["scores"].cpu() if refusal_tokens is not None else None
                 for b, it in enumerate(batch_items):
                     name = names[it[0]]
-                    for p, col in zip(keep_positions, keep_cols):
-                        per_prompt[name][p][it[1]] = rows[b, :, col].float().cpu()
-                    if refusal_tokens is not None:
-                        scores[name][it[1]] = state["scores"][b].cpu()
+                    for j, p in enumerate(keep_positions):
+                        per_prompt[name][p][it[1]] = kept[b, :, j]
+                    if batch_scores is not None:
+                        scores[name][it[1]] = batch_scores[b]
     finally:
         for h in handles:
             h.remove()

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..interventions import ablate, add
-from ..prompts import format_prompts
+from ..prompts import encode_prompts, pad_prompts
 from .capture import refusal_scores_from_logits
 from .carriers import Carriers
 
@@ -76,11 +76,16 @@ class Selection:
         return cls(**d)
 
 
-def _last_logits(model, tokenizer, prompts, template, system, batch_size):
-    device = next(model.parameters()).device
+def _batches(tokenizer, prompts, template, system, batch_size, device):
+    """Tokenise once; every candidate reuses these padded batches."""
+    enc = encode_prompts(tokenizer, prompts, template=template, system=system)
+    return [pad_prompts(tokenizer, enc, range(i, min(i + batch_size, len(prompts))), device=device)
+            for i in range(0, len(prompts), batch_size)]
+
+
+def _last_logits(model, batches):
     out = []
-    for i in range(0, len(prompts), batch_size):
-        fb = format_prompts(tokenizer, prompts[i:i + batch_size], template=template, system=system, device=device)
+    for fb in batches:
         logits = model(input_ids=fb.input_ids, attention_mask=fb.attention_mask, use_cache=False, logits_to_keep=1).logits
         out.append(logits[:, -1].to(torch.float64))
     return torch.cat(out)
@@ -122,7 +127,10 @@ def select_carrier(
     both = list(harmful_val) + list(harmless_val)
     nh = len(harmful_val)
     with torch.no_grad():
-        base = _last_logits(model, tokenizer, both, template, system, batch_size)
+        device = next(model.parameters()).device
+        both_b = _batches(tokenizer, both, template, system, batch_size, device)
+        harmless_b = _batches(tokenizer, list(harmless_val), template, system, batch_size, device)
+        base = _last_logits(model, both_b)
         base_scores = refusal_scores_from_logits(base, refusal_tokens)
         cands = []
         grid = [(l, p) for l in layers for p in positions]
@@ -135,9 +143,9 @@ def select_carrier(
                 cands.append(Candidate(l, p, float("nan"), float("nan"), float("nan"), pruned=False))
                 continue
             with ablate(model, r):
-                abl = _last_logits(model, tokenizer, both, template, system, batch_size)
+                abl = _last_logits(model, both_b)
             with add(model, r, l, alpha=1.0):
-                ind = _last_logits(model, tokenizer, harmless_val, template, system, batch_size)
+                ind = _last_logits(model, harmless_b)
             bypass = refusal_scores_from_logits(abl[:nh], refusal_tokens).mean().item()
             kl = _kl(base[nh:], abl[nh:]).mean().item()
             induce = refusal_scores_from_logits(ind, refusal_tokens).mean().item()
