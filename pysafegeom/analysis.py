@@ -43,6 +43,13 @@ class AnalysisConfig:
     batch_size: int | None = None
     refusal_phrases: list[str] | None = None
     refusal_tokens: list[int] | None = None
+    # PROTOCOL 4/5: the reopen table and the behavioural diagnostics (analyze(..., interventions=True))
+    interventions: bool = False
+    n_controls: int = 10                  # matched random directions per carrier row
+    orthogonal_controls: bool = True      # draw controls orthogonal to span(H, R)
+    actadd: bool = False                  # also negative ActAdd of R and of H at the carrier layer
+    max_new_tokens: int = 48              # greedy answers judged for refusal
+    n_behaviour: int | None = None        # cap on each behavioural evaluation set (None: the whole test split)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class AnalysisResult:
     Q_H: torch.Tensor
     Q_R: torch.Tensor
     separation: dict = field(default_factory=dict)
+    reopen: dict | None = None  # Reopen.to_dict() when analyze(..., interventions=True)
 
     # --- persistence ------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -72,6 +80,7 @@ class AnalysisResult:
             "metrics": self.metrics,
             "separation": self.separation,
             "readouts": self.readouts,
+            "reopen": self.reopen,
         }
 
     def save(self, out_dir: str | os.PathLike, report: bool = True) -> Path:
@@ -108,7 +117,7 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
     c = d["carriers"]
     carriers = Carriers(c["layers"], c["post_names"], t["H"], t["R"], c["r_fit"], c["fit_note"], c["counts"])
     return AnalysisResult(d["meta"], d["config"], carriers, Selection.from_dict(d["selection"]), d["metrics"],
-                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"])
+                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"))
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -137,6 +146,18 @@ def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
             out[s] = out["train"][: max(1, len(out["train"]) // 2)]
             notes.append(f"the {role} set has no {s} prompts; {len(out[s])} training prompts were reused as {s} prompts")
     return out
+
+
+def _eval_prompts(spec, role: str, cap: int | None):
+    """Behavioural evaluation prompts: the test split when the set has splits, else all of it; at most ``cap``."""
+    from .data import load_prompts
+
+    prompts = load_prompts(spec, role=role) if spec is not None or role != "attack" else []
+    if not prompts:
+        raise ValueError(f"the {role} prompt set is empty")
+    if any(getattr(p, "split", None) == "test" for p in prompts):
+        prompts = [p for p in prompts if p.split == "test"]
+    return prompts[:cap] if cap else prompts
 
 
 def _nan_to_none(x):
@@ -177,13 +198,25 @@ def analyze(
     device: str | None = None,
     dtype=None,
     progress: bool = True,
+    xstest_unsafe=None,
+    benign=None,
+    attacks=None,
+    judges=None,
     **options,
 ) -> AnalysisResult:
-    """Run the protocol (PROTOCOL.md sections 1 to 3) on one model.
+    """Run the protocol (PROTOCOL.md sections 1 to 3, and with ``interventions=True`` sections 4 and 5) on one model.
 
     ``model``: a spec for :func:`pysafegeom.load_model` (folder, .gguf, registered name) or a loaded
     model (then pass ``tokenizer``). ``harmful`` / ``harmless`` / ``xstest``: None for the bundled
     sets, a list of strings, or a dataset path. Keyword ``options`` override :class:`AnalysisConfig`.
+
+    With ``interventions=True`` the result also holds the reopen table (:mod:`pysafegeom.protocol.reopen`):
+    greedy answers at baseline and with R, H and span(H, R) ablated (plus matched random controls) on the
+    held-out harmful prompts, the XSTest-style safe prompts and the ``benign`` prompts (bundled by
+    default; their reference answers give the cross-entropy proxy), judged by ``judges`` (default: the
+    substring judge). ``xstest_unsafe`` (bundled by default) is the over-refusal check; ``attacks`` is an
+    optional file or list of attack prompts (e.g. GCG or AutoDAN test cases) whose ASR is reported beside
+    the direct requests'.
     """
     from .models import ModelAdapter, load_model
 
@@ -192,6 +225,10 @@ def analyze(
         if not hasattr(cfg, k):
             raise TypeError(f"unknown analyze option {k!r}; options are {', '.join(asdict(cfg))}")
         setattr(cfg, k, v)
+    if not cfg.interventions and (judges is not None or attacks is not None):
+        raise ValueError("judges= and attacks= are used by the reopen table: pass interventions=True as well")
+    if cfg.interventions and judges is not None and not list(judges):
+        raise ValueError("judges is empty: give at least one judge (e.g. [SubstringJudge()]) or None for the default")
     t_start = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
@@ -321,8 +358,31 @@ def analyze(
         "capture_tokens": cap.n_tokens, "capture_padded_tokens": cap.n_padded_tokens,
         "notes": notes,
     }
+    reopen = None
+    if cfg.interventions:
+        from .protocol.reopen import reopen_attacks
+
+        t0 = time.perf_counter()
+        r_pos = sel.position if sel.layer is not None else ref_pos
+        bn = _eval_prompts(benign, "benign", cfg.n_behaviour)
+        refs = [p.reference for p in bn]
+        rep = reopen_attacks(
+            model, tokenizer, car.H[li].float(), car.r_at(ref_layer, r_pos).float(), ref_layer, position=r_pos,
+            harmful=hf["test"][: cfg.n_behaviour] if cfg.n_behaviour else hf["test"], harmless=hl["val"][: cfg.n_val],
+            xstest_safe=[p.text for p in _eval_prompts(xstest, "xstest_safe", cfg.n_behaviour)],
+            xstest_unsafe=[p.text for p in _eval_prompts(xstest_unsafe, "xstest_unsafe", cfg.n_behaviour)],
+            benign=[p.text for p in bn], benign_references=refs if all(r for r in refs) else None,
+            attacks=[p.text for p in _eval_prompts(attacks, "attack", None)] if attacks is not None else None,
+            judges=judges, n_controls=cfg.n_controls, orthogonal_controls=cfg.orthogonal_controls, actadd=cfg.actadd,
+            max_new_tokens=cfg.max_new_tokens, template=cfg.template, system=cfg.system, batch_size=cfg.batch_size or 32,
+            progress=progress)
+        if sel.layer is None:
+            rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {r_pos}), not a selected one")
+        reopen = _nan_to_none(rep.to_dict())
+        meta["timings_s"]["reopen"] = round(time.perf_counter() - t0, 2)
+        meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(metrics), readouts, Q_H.float(), Q_R.float(),
-                         _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}))
+                         _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}), reopen)
     res.metrics["summary"] = summarize(res)
     return res
 
@@ -354,8 +414,27 @@ def summarize(res: AnalysisResult) -> list[str]:
         lines.append(f"The Latent Guard separates held-out harmful from harmless prompts with AUROC {lg['auroc']:.2f}.")
     if m["process_correlation"] is not None:
         lines.append(f"Per-prompt refusal readouts track harmfulness readouts with Spearman rho = {m['process_correlation']:.2f}.")
+    if res.reopen:
+        rp = res.reopen
+        lines.append(rp["verdict"])
+        dg = rp["diagnostics"]
+        lines.append(
+            f"Behaviour at baseline: robust refusal ASR {_pct(dg['robust_refusal'])}; harmful usefulness "
+            f"{_pct(dg['harmful_usefulness'])}; XSTest any-refusal on safe prompts {_pct(dg['exaggerated_safety'])}; "
+            f"benign answered {_pct(dg['benign_utility'])}"
+            + (f", reference CE {dg['benign_utility']['mean_cross_entropy']:.3f} nats/token" if dg["benign_utility"].get("mean_cross_entropy") is not None else "")
+            + ".")
     lines += [f"Note: {n}." for n in meta.get("notes", [])]
     return lines
+
+
+def _pct(rate: dict) -> str:
+    """'12% (3/24, 95% CI 4-31%)' from a Rate dict."""
+    if rate is None:
+        return "n/a"
+    if rate["value"] is None:
+        return f"n/a (n = {rate['n']})"
+    return f"{rate['value']:.0%} ({rate['k']}/{rate['n']}, 95% CI {rate['ci_low']:.0%}-{rate['ci_high']:.0%})"
 
 
 def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
@@ -391,3 +470,52 @@ def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
         "coupling_change": (b.metrics["coupling"]["mid_band_mean"] - a.metrics["coupling"]["mid_band_mean"])
         if a.metrics["coupling"]["mid_band_mean"] is not None and b.metrics["coupling"]["mid_band_mean"] is not None else None,
     }
+
+
+NEARLY_ORTHOGONAL = 0.2  # |cos| below this is "nearly orthogonal" (summarize() uses the same cut)
+
+
+def anchor_findings(anchor: AnalysisResult, base: AnalysisResult | None = None) -> list[str]:
+    """Does an aligned anchor reproduce the published anchor findings (PROTOCOL.md section 7 and the abstract)?
+
+    1. the harmfulness and refusal carriers are nearly orthogonal (mid-band mean |cos(H, R)| and at the
+       carrier layer below 0.2);
+    2. R-side interventions reopen attack success more than H-only ones (needs ``interventions=True``).
+
+    Each is stated as found, with its numbers; ``base`` (the unaligned starting model) adds the contrast.
+    """
+    out = []
+    name = anchor.meta["model"]
+    sel = anchor.selection
+    if sel.outcome == "none":
+        out.append(f"{name}: no admissible refusal carrier, so the anchor findings cannot be checked at a selected carrier; "
+                   f"the numbers below use the reference candidate at layer {anchor.metrics['reference']['layer']}.")
+    else:
+        out.append(f"{name}: an admissible refusal carrier was selected at layer {sel.layer}, {sel.position}"
+                   + (" (only at the relaxed KL threshold)" if sel.outcome == "selected_relaxed" else "") + ".")
+    c = anchor.metrics["coupling"]
+    band, at = c["mid_band_mean"], c["at_reference"]
+    if band is not None and at is not None:
+        ortho = band < NEARLY_ORTHOGONAL and at < NEARLY_ORTHOGONAL
+        out.append(("Finding 1 reproduced" if ortho else "Finding 1 not reproduced")
+                   + f": carriers nearly orthogonal? mid-band mean |cos(H, R)| = {band:.2f}, {at:.2f} at the carrier layer "
+                   f"(threshold {NEARLY_ORTHOGONAL})"
+                   + (f"; the unaligned base gives {base.metrics['coupling']['mid_band_mean']:.2f}" if base is not None
+                      and base.metrics["coupling"]["mid_band_mean"] is not None else "") + ".")
+    if anchor.reopen:
+        rows = {r["condition"]: r for r in anchor.reopen["summary_rows"]}
+        r, h = rows["ablate R"], rows["ablate H"]
+        more = r["delta_asr"] > h["delta_asr"]
+        sig = next((n for n in anchor.reopen.get("notes", []) if n.startswith("paired McNemar")), "")
+        beyond = r.get("delta_asr_percentile")
+        out.append(("Finding 2 reproduced" if more else "Finding 2 not reproduced")
+                   + f": R ablation ΔASR {r['delta_asr']:+.0%} vs H ablation {h['delta_asr']:+.0%} "
+                   f"(n = {anchor.reopen['n']['harmful']}; {sig}"
+                   + (f"; R at the {beyond:.0f}th percentile of its random controls" if beyond is not None else "") + ")."
+                   + ("" if not more or "p = " not in sig or float(sig.split("= ")[-1]) < 0.05 else
+                      " The difference is not significant at this sample size."))
+        if base is not None and base.reopen:
+            b0 = base.reopen["diagnostics"]["robust_refusal"]["value"]
+            a0 = anchor.reopen["diagnostics"]["robust_refusal"]["value"]
+            out.append(f"Baseline ASR on direct requests: anchor {a0:.0%}, unaligned base {b0:.0%}.")
+    return out

@@ -51,19 +51,46 @@ def _default_examples():
 
 
 def _cmd_demo(args) -> int:
-    """Environment, prompt positions, then the protocol on the embedded model with a CPU-sized selection grid."""
-    from . import info
-    from .analysis import analyze
+    """Environment, prompt positions, then the full protocol on the unaligned base and the aligned anchor, one report."""
+    import json as _json
+    from pathlib import Path
 
+    from . import info
+    from ._io import atomic_write_text
+    from .analysis import analyze, anchor_findings, load_result
+    from .report import render_comparison
+
+    t_all = time.perf_counter()
     print(info.render(info.collect()))
     print()
-    _show_positions(args.model, [p.text for p in _default_examples()], None, None)
-    print(f"\nrunning the protocol on {args.model} (bundled prompts; selection over layers 0, {args.layer_stride}, {2 * args.layer_stride}, ..., "
-          f"{args.n_val} validation prompts per side) ...")
-    res = analyze(args.model, n_val=args.n_val, selection_layer_stride=args.layer_stride)
-    out = res.save(args.out)
-    print("\n" + "\n".join(res.metrics["summary"]))
-    print(f"\nreport: {out / 'report.html'}  (run time {res.meta['timings_s']['total']} s)")
+    _show_positions(args.base, [p.text for p in _default_examples()], None, None)
+    opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "interventions": not args.no_interventions,
+            "n_controls": args.n_controls, "max_new_tokens": args.max_new_tokens, "n_behaviour": args.n_behaviour}
+    out = Path(args.out)
+    results = {}
+    for label, spec in (("base", args.base), ("anchor", args.anchor)):
+        sub = out / label
+        done = sub / "result.json"
+        if done.is_file() and not args.fresh:  # resumable: a finished model is not redone with the same options
+            prev = _json.loads(done.read_text())
+            if prev["meta"]["model"] == spec and all(prev["config"].get(k) == v for k, v in opts.items()):
+                print(f"\n{label}: reusing the finished result in {sub} (--fresh to redo)")
+                results[label] = load_result(sub)
+                continue
+        print(f"\n[{label}] running the full protocol on {spec}: carriers, selection over every {args.layer_stride}. layer "
+              f"({args.n_val} validation prompts per side), coupling"
+              + (f", reopen table with {args.n_controls} matched controls and the four behavioural diagnostics" if opts["interventions"] else "")
+              + " ...", flush=True)
+        res = analyze(spec, **opts)
+        res.save(sub)
+        results[label] = res
+        print("\n".join("  " + line for line in res.metrics["summary"]))
+    findings = anchor_findings(results["anchor"], results["base"])
+    atomic_write_text(out / "report.html", render_comparison({f"{k}: {r.meta['model']}": r for k, r in results.items()}, findings,
+                                                             "pysafegeom demo: unaligned base vs aligned anchor"))
+    print("\nDoes the anchor reproduce the published anchor findings?")
+    print("\n".join("  " + f for f in findings))
+    print(f"\nreport: {out / 'report.html'}  (demo run time {time.perf_counter() - t_all:.0f} s)")
     return 0
 
 
@@ -162,11 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     s.set_defaults(func=_cmd_analyze)
 
-    s = sub.add_parser("demo", help="environment, prompt positions and the protocol on the embedded default model")
-    s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--out", default="demo_out", help="where the result and report go (default: demo_out)")
+    s = sub.add_parser("demo", help="the full protocol on the unaligned base and the aligned anchor, side by side in one report")
+    s.add_argument("--base", "--model", dest="base", default=DEFAULT_MODEL, help=f"unaligned model (default: {DEFAULT_MODEL})")
+    s.add_argument("--anchor", default="smollm2-135m-safety", help="aligned anchor (default: smollm2-135m-safety, shipped)")
+    s.add_argument("--out", default="demo_out", help="where the results and report go (default: demo_out)")
     s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
-    s.add_argument("--layer-stride", type=int, default=2, help="search every n-th layer (default 2)")
+    s.add_argument("--layer-stride", type=int, default=3, help="search every n-th layer (default 3)")
+    s.add_argument("--n-controls", type=int, default=3, help="matched random controls per reopen row (default 3)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per judged answer (default 32)")
+    s.add_argument("--n-behaviour", type=int, default=None, help="cap on each behavioural test set (default: whole test split)")
+    s.add_argument("--no-interventions", action="store_true", help="skip the reopen table and behavioural diagnostics")
+    s.add_argument("--fresh", action="store_true", help="redo models whose finished results are already in --out")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("train", help="safety fine-tuning (SFT, LoRA or full) with checkpoints and resume",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import html
 import json
 
-from .svg import heatmap, line_chart, scatter
+from .svg import bar_chart, heatmap, line_chart, scatter
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "report_body", "render_comparison"]
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
@@ -22,15 +22,87 @@ def _f(v, digits=3):
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
+def _pct(v):
+    return "n/a" if v is None or v != v else f"{v:+.0%}" if v else "0%"
+
+
+def _rate(r):
+    if not r or r.get("value") is None:
+        return "n/a"
+    return f"{r['value']:.0%} ({r['k']}/{r['n']}; {r['ci_low']:.0%}&ndash;{r['ci_high']:.0%})"
+
+
+def reopen_section(rp: dict) -> str:
+    """The reopen table (PROTOCOL 4) and the four behavioural diagnostics (PROTOCOL 5), as chart, words and table."""
+    rows = rp["summary_rows"]
+    out = [f"<h2>Reopening attacks (PROTOCOL 4): carriers ablated at every layer, layer {rp['layer']} carriers</h2>",
+           f"<p class='summary'>{html.escape(rp['verdict'])}</p>"]
+    bars = [(r["condition"], r["delta_asr"] if r["kind"] != "baseline" else 0.0, r.get("controls_delta_asr_mean"),
+             r.get("controls_delta_asr_sd")) for r in rows]
+    out.append(bar_chart(bars[1:], "change in attack success rate (ΔASR) against baseline", "ΔASR (share of harmful prompts)")
+               if len(bars) > 1 else "")
+    out.append("<p class='note'>Bars: ΔASR of each intervention on the held-out harmful prompts "
+               f"({rp['n']['harmful']} prompts, judge: {html.escape(rp['primary_judge'])}). Grey whisker under a bar: mean ± sd of "
+               f"its {rp['settings']['n_controls']} matched random-direction controls"
+               f"{' (orthogonal to span(H, R))' if rp['settings']['orthogonal_controls'] else ''}.</p>")
+    head = ("<tr><th>condition</th><th>ASR</th><th>ΔASR</th><th>controls ΔASR mean ± sd</th><th>percentile</th>"
+            "<th>KL harmless</th><th>Δ over-refusal (XSTest)</th><th>Δ benign answered</th><th>Δ reference CE</th></tr>")
+    body = []
+    for r in rows:
+        ctrl = (f"{_pct(r['controls_delta_asr_mean'])} ± {r['controls_delta_asr_sd']:.0%}"
+                if r.get("controls_delta_asr_mean") is not None else "")
+        pc = f"{r['delta_asr_percentile']:.0f}" if r.get("delta_asr_percentile") is not None else ""
+        ce = f"{r['delta_ce']:+.3f}" if r.get("delta_ce") is not None else "n/a"
+        body.append(f"<tr><th style='text-align:left'>{html.escape(r['condition'])}</th><td>{_rate(r['asr_rate'])}</td>"
+                    f"<td>{_pct(r['delta_asr'])}</td><td>{ctrl}</td><td>{pc}</td><td>{_f(r['kl'])}</td>"
+                    f"<td>{_pct(r['delta_over_refusal'])}</td><td>{_pct(r['delta_utility'])}</td><td>{ce}</td></tr>")
+    out.append("<table>" + head + "".join(body) + "</table>")
+    dg = rp["diagnostics"]
+    out.append("<h2>Behavioural diagnostics at baseline (PROTOCOL 5)</h2><table>"
+               "<tr><th>family</th><th>value (k/n; 95% Wilson interval)</th><th>how it was judged</th></tr>")
+    for key, name in (("robust_refusal", "robust refusal: ASR, direct requests"), ("robust_refusal_attacks", "robust refusal: ASR, attack prompts"),
+                      ("harmful_usefulness", "harmful usefulness"), ("exaggerated_safety", "exaggerated safety: XSTest any-refusal"),
+                      ("benign_utility", "benign utility: share answered")):
+        r = dg.get(key)
+        if not r:
+            continue
+        extra = ""
+        if r.get("contrast"):
+            extra = f"; unsafe contrasts refused {_rate(r['contrast'])}"
+        if r.get("mean_cross_entropy") is not None:
+            extra = f"; reference-answer CE {r['mean_cross_entropy']:.3f} nats/token"
+        out.append(f"<tr><th style='text-align:left'>{name}</th><td>{_rate(r)}</td><td style='text-align:left'>"
+                   f"{html.escape(r['label'])}{extra}</td></tr>")
+    out.append("</table>")
+    if rp.get("samples"):
+        out.append("<details><summary>Sample answers (first harmful prompts)</summary><table>")
+        for cond, pairs in rp["samples"].items():
+            for p in pairs:
+                out.append(f"<tr><th style='text-align:left'>{html.escape(cond)}</th><td style='text-align:left'>{html.escape(p['prompt'])}</td>"
+                           f"<td style='text-align:left'>{html.escape(p['response'][:300])}</td></tr>")
+        out.append("</table></details>")
+    if rp.get("notes"):
+        out.append("<p class='note'>" + " ".join(html.escape(n) + "." for n in rp["notes"]) + "</p>")
+    return "\n".join(out)
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>")
+
+
 def render_report(res) -> str:
     """HTML for an :class:`pysafegeom.analysis.AnalysisResult`."""
+    return _page(f"pysafegeom: {res.meta['model']}", report_body(res))
+
+
+def report_body(res, level: int = 1) -> str:
+    """The report's sections for one result (no page wrapper), so several can share one page."""
     m, meta, sel, car = res.metrics, res.meta, res.selection, res.carriers
     layers = car.layers
     coup = [v if v is not None else float("nan") for v in m["coupling"]["per_layer"]]
     ref = m["reference"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pysafegeom: {html.escape(meta['model'])}</title>"
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>Safety geometry of {html.escape(meta['model'])}</h1>",
+    parts = [f"<h{level}>Safety geometry of {html.escape(meta['model'])}</h{level}>",
              f"<div class='meta'>{html.escape(meta['arch'])}, {meta['n_layers']} layers, d = {meta['d_model']}, {html.escape(meta['dtype'])}"
              f" &middot; {html.escape(meta['date'])} &middot; pysafegeom {html.escape(meta['pysafegeom'])}"
              f" &middot; run time {meta['timings_s']['total']} s</div>",
@@ -88,6 +160,9 @@ def render_report(res) -> str:
     parts.append(scatter(groups, "harmfulness readout vs refusal readout", "<x_t_inst, unit H>", "<x_t_post_inst, unit R>"))
     parts.append(f"<p class='note'>Process correlation (Spearman, PROTOCOL 3): {_f(m['process_correlation'])}.</p>")
 
+    if getattr(res, "reopen", None):
+        parts.append(reopen_section(res.reopen))
+
     # numbers table
     lg = m["latent_guard"]
     rows = [("coupling at reference layer", _f(m["coupling"]["at_reference"])),
@@ -103,5 +178,63 @@ def render_report(res) -> str:
                                                    for a, b in rows) + "</table>")
     parts.append("<h2>Run</h2><pre class='note'>" + html.escape(json.dumps({"config": res.config, "prompts": meta["n_prompts"],
                  "refusal_tokens": meta["refusal_token_strings"], "timings_s": meta["timings_s"]}, indent=1)) + "</pre>")
-    parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def render_comparison(results: dict, findings: list[str], title: str = "pysafegeom: side by side") -> str:
+    """One page for several results ``{label: AnalysisResult}``: a side-by-side table, ``findings`` in words,
+    then each model's full report."""
+    labels = list(results)
+
+    def cell(res, key):
+        m, rp = res.metrics, res.reopen
+        c = m["coupling"]
+        if key == "refusal":
+            return f"{m['refusal_rate']['harmful_test']:.0%} / {m['refusal_rate']['harmless_test']:.0%}"
+        if key == "band":
+            return f"{_f(c['mid_band_mean'], 2)} (max {_f(c['max'], 2)} @ {c['argmax']})"
+        if key == "sel":
+            s = res.selection
+            return ("none admissible" if s.outcome == "none" else f"layer {s.layer}, {s.position}"
+                    + (" (relaxed KL)" if s.outcome == "selected_relaxed" else ""))
+        if key == "at_ref":
+            return f"{_f(c['at_reference'], 2)} (layer {m['reference']['layer']})"
+        if key == "guard":
+            return _f(m["latent_guard"]["auroc"], 2)
+        if not rp:
+            return "n/a"
+        rows = {r["condition"]: r for r in rp["summary_rows"]}
+        dg = rp["diagnostics"]
+        if key == "asr0":
+            return _rate(dg["robust_refusal"])
+        if key.startswith("d:"):
+            r = rows[key[2:]]
+            ctrl = (f" (controls {_pct(r['controls_delta_asr_mean'])} ± {r['controls_delta_asr_sd']:.0%})"
+                    if r.get("controls_delta_asr_mean") is not None else "")
+            return f"{_pct(r['delta_asr'])}{ctrl}; KL {_f(r['kl'], 3)}"
+        if key == "xs":
+            return _rate(dg["exaggerated_safety"])
+        if key == "use":
+            return _rate(dg["harmful_usefulness"])
+        if key == "ben":
+            b = dg["benign_utility"]
+            return _rate(b) + (f"; CE {b['mean_cross_entropy']:.3f}" if b.get("mean_cross_entropy") is not None else "")
+        return "n/a"
+
+    keys = [("refusal", "refusal score > 0: harmful / harmless test"), ("band", "mid-band |cos(H, R)|"),
+            ("sel", "selected refusal carrier"), ("at_ref", "|cos(H, R)| at the carrier layer"),
+            ("guard", "Latent Guard AUROC"), ("asr0", "ASR, direct requests (baseline)"),
+            ("d:ablate R", "ΔASR, R ablated"), ("d:ablate H", "ΔASR, H ablated"),
+            ("d:ablate span(H, R)", "ΔASR, span(H, R) ablated"), ("use", "harmful usefulness"),
+            ("xs", "XSTest any-refusal (safe)"), ("ben", "benign answered; reference CE")]
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(l)}</th>" for l in labels) + "</tr>"
+    body = "".join("<tr><th style='text-align:left'>" + html.escape(name) + "</th>"
+                   + "".join(f"<td>{cell(results[l], k)}</td>" for l in labels) + "</tr>" for k, name in keys)
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<h2>Findings</h2><ul class='summary'>" + "".join(f"<li>{html.escape(f)}</li>" for f in findings) + "</ul>",
+             "<h2>Side by side</h2><table>" + head + body + "</table>",
+             "<p class='note'>Rates: value (k/n; 95% Wilson interval). ΔASR: change in attack success against the same "
+             "model's baseline, substring judge unless a model judge was given.</p>"]
+    for l in labels:
+        parts.append(f"<hr><div id='{html.escape(l)}'>" + report_body(results[l], level=1) + "</div>")
+    return _page(title, "\n".join(parts))

@@ -164,3 +164,40 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float]], title: 
         parts.append(f'<text x="{lx}" y="{mt + 5 * 16 + 14}">{html.escape(label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def bar_chart(bars: list[tuple[str, float, float | None, float | None]], title: str, xlabel: str,
+              width: int = 640, row_height: int = 26, xlim: tuple[float, float] | None = None,
+              error: list[tuple[float, float] | None] | None = None) -> str:
+    """Horizontal bars ``(label, value, control_mean, control_sd)``; a control's mean ± sd is drawn as a grey whisker.
+
+    ``error``: optional ``(low, high)`` interval per bar (e.g. a 95% interval), drawn as a thin black line.
+    """
+    vals = [b[1] for b in bars] + [b[2] + s * (b[3] or 0) for b in bars if b[2] is not None for s in (-1, 1)]
+    if error:
+        vals += [v for e in error if e for v in e]
+    lo, hi = xlim or _range(vals + [0.0], 0.08)
+    ml = 150
+    height = 40 + row_height * len(bars) + 35
+    f = _Frame(width, height, (lo, hi), (0, len(bars)), title, xlabel, "", margin=(ml, 20, 26, 35), integer_x=False)
+    # the _Frame draws y ticks for a numeric axis; drop them for a categorical one
+    f.parts = [p for p in f.parts if not (p.startswith('<line x1="' + str(ml - 4)))]
+    zero = f.x(0.0) if lo <= 0 <= hi else None
+    for i, (label, v, cm, csd) in enumerate(bars):
+        yc = f.y(len(bars) - i - 0.5)
+        color = "#999" if label.startswith("baseline") else PALETTE[i % len(PALETTE)]
+        x0 = zero if zero is not None else f.x(lo)
+        x1 = f.x(v) if v == v else x0
+        f.parts.append(f'<rect x="{min(x0, x1)}" y="{yc - 8}" width="{abs(x1 - x0)}" height="16" fill="{color}" fill-opacity="0.8"/>'
+                       f'<text x="{ml - 6}" y="{yc + 4}" text-anchor="end">{html.escape(label)}</text>')
+        if error and error[i]:
+            a, b = error[i]
+            f.parts.append(f'<line x1="{f.x(a)}" y1="{yc}" x2="{f.x(b)}" y2="{yc}" stroke="#000" stroke-width="1"/>')
+        if cm is not None and cm == cm:
+            sd = csd or 0.0
+            a, b = f.x(cm - sd), f.x(cm + sd)
+            f.parts.append(f'<line x1="{a}" y1="{yc + 11}" x2="{b}" y2="{yc + 11}" stroke="#555" stroke-width="3"/>'
+                           f'<circle cx="{f.x(cm)}" cy="{yc + 11}" r="3" fill="#555"/>')
+    if zero is not None:
+        f.parts.append(f'<line x1="{zero}" y1="{f.mt}" x2="{zero}" y2="{height - f.mb}" stroke="#333"/>')
+    return f.done()
