@@ -1,74 +1,398 @@
-"""Hook-based interventions (PROTOCOL.md section 4): directional ablation and activation addition.
+"""Causal interventions (PROTOCOL.md section 4): directional ablation, activation addition, weight orthogonalisation.
 
-Both are context managers that leave the model exactly as they found it. They apply through
-:func:`pysafegeom.ops.project_ablate`, so the fused kernels run where available.
+Every intervention is a context manager that leaves the model exactly as it found it (no hooks left,
+every parameter and buffer bit for bit, a tied unembedding tied again), on exceptions too.
 
 * :func:`ablate`: ``x <- x - beta * Q Q^T x`` on every block input and on every attention and MLP
-  output (what is added to the residual stream), at all positions, including generated ones. Ablating
-  the sublayer outputs too is what makes hooks equivalent to weight orthogonalisation.
-* :func:`add`: ``x <- x + alpha * v`` on the input of one block, at all positions.
+  output (what is added to the residual stream) of the chosen layers (default all). ``Q [d, k]`` is an
+  orthonormal basis of the carrier's span (one direction, or a subspace). Ablating the sublayer outputs
+  too is what makes the hooks equivalent to weight orthogonalisation.
+* :func:`add` (ActAdd): ``x <- x + alpha * v`` on the input of one block.
+* :func:`orthogonalize`: ``W <- W - Q Q^T W`` for every weight (and bias) that writes into the residual
+  stream, in place, restored on exit. :func:`export_orthogonalized` writes such an edited model as a new
+  Hugging Face folder.
+
+Positions (``positions=`` of :func:`ablate` and :func:`add`):
+
+* ``"all"`` (default): every position of every forward, generated tokens included. No masking work is
+  done at all: the fast path.
+* ``"prompt"``: only forwards that do not continue a KV cache (the prefill of generation, or any plain
+  forward). The decode steps that feed generated tokens are left alone; they still attend to the edited
+  prompt (Zhao's ``max_decode_step_while_intervene=1``).
+* ``"instruction"``: only the user's instruction tokens of prompts formatted with the chat template
+  (:func:`pysafegeom.prompts.format_prompts`), in the prompt forward. Needs ``tokenizer`` (and the
+  ``template``/``system`` the prompts were formatted with). With left padding, row ``b``'s span is
+  ``[pad_b + n_prefix, T - n_suffix)``; the template's tokens on either side are checked against the
+  input ids, and input that was not formatted with this template is an error.
+* a bool tensor ``[B, T]``: the positions of the prompt forward to edit (its shape is checked at forward time).
+
+Prefill and decode steps are told apart by a forward pre-hook on the decoder (the module that holds the
+layers): a forward whose KV cache (``cache=`` on transformers >= 5.24, ``past_key_values=`` before)
+already holds tokens is a decode step.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import ops
 from .models import ModelAdapter
 
-
-def _basis(direction: torch.Tensor, d: int) -> torch.Tensor:
-    if direction.dim() == 1:
-        direction = direction[:, None]
-    if direction.shape[0] != d:
-        raise ValueError(f"carrier has width {direction.shape[0]} but the model's residual width is {d}")
-    if not torch.isfinite(direction).all():
-        raise ValueError("carrier contains NaN or infinite values")
-    q, r = torch.linalg.qr(direction.to(torch.float64))
-    if (r.diagonal().abs() < 1e-12).any():
-        raise ValueError("carrier is zero or its columns are linearly dependent")
-    return q.to(torch.float32)
+POSITION_MODES = ("all", "prompt", "instruction")
+MAX_DIRECTIONS = 16  # the fused kernels' limit on k
 
 
-def _replace_hidden(args, kwargs, fn):
+# --- validation (once, on entry) ------------------------------------------------------------------
+
+def _basis(direction: torch.Tensor, d: int, what: str = "carrier") -> torch.Tensor:
+    """Orthonormal float64 basis ``[d, k]`` (on CPU) of ``direction`` (``[d]`` or ``[d, k]``), by QR."""
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of shape [d] or [d, k], got {type(direction).__name__}")
+    if direction.dim() not in (1, 2):
+        raise ValueError(f"{what} must have shape [d] or [d, k], got {tuple(direction.shape)}")
+    if not direction.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {direction.dtype}")
+    D = direction.detach().to("cpu", torch.float64)
+    if D.dim() == 1:
+        D = D[:, None]
+    if D.shape[0] != d:
+        raise ValueError(f"{what} has width {D.shape[0]} but the model's residual width is {d}")
+    if not 1 <= D.shape[1] <= MAX_DIRECTIONS:
+        raise ValueError(f"{what} must have between 1 and {MAX_DIRECTIONS} columns (directions), got {D.shape[1]}")
+    if not torch.isfinite(D).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    norms = D.norm(dim=0)
+    if (norms == 0).any():
+        raise ValueError(f"{what} is zero (a zero vector has no direction to ablate or add)")
+    q, r = torch.linalg.qr(D / norms)
+    if (r.diagonal().abs() < 1e-8).any():
+        raise ValueError(f"{what}'s columns are linearly dependent; pass a basis of full rank")
+    return q
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number in [0, 1], got {beta!r}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:  # also rejects NaN
+        raise ValueError(f"beta must lie in [0, 1] (1 = full ablation), got {beta!r}")
+    return beta
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+    alpha = float(alpha)
+    if alpha != alpha or alpha in (float("inf"), float("-inf")):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r} (NaN or infinite)")
+    return alpha
+
+
+def _check_layer(layer, n_layers: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, got {layer!r}")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range [0, {n_layers}) (negative indices are not accepted)")
+    return layer
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, x):
     if args:
-        return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return (x,) + tuple(args[1:]), kwargs
     kwargs = dict(kwargs)
-    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+    kwargs["hidden_states"] = x
     return args, kwargs
 
 
+# --- the edit run by the hooks --------------------------------------------------------------------
+
+class _Edit:
+    """``x -> x - beta Q Q^T x + av`` over the last dim, validated once so that a hook call is cheap.
+
+    The backend is chosen once for the model's device and dtype, and called directly on contiguous
+    inputs (in place where the caller says it is safe). Anything unusual (another dtype or device,
+    a non-contiguous tensor, autograd) goes through :func:`pysafegeom.ops.project_ablate`, which
+    validates and differentiates. Float64 inputs are computed in float64.
+    """
+
+    def __init__(self, Q64: torch.Tensor | None, beta: float, av64: torch.Tensor | None, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.beta = beta
+        self.Q64 = Q64.to(device) if Q64 is not None else None
+        self.Q32 = self.Q64.to(torch.float32).contiguous() if Q64 is not None else None
+        self.av64 = av64.to(device) if av64 is not None else None
+        self.av32 = self.av64.to(torch.float32).contiguous() if av64 is not None else None
+        if self.Q32 is None:  # addition only: the backend op needs some basis; beta = 0 ignores it
+            self.Q32 = (self.av32 / self.av32.norm())[:, None].contiguous()
+        self.Q32T = self.Q32.T.contiguous()
+        self.d = self.Q32.shape[0]
+        self.small = 32768 if device.type == "cpu" else 0  # ATen's grain size: below it, ops run single-threaded
+        self.mod = None
+        if dtype in ops.FLOAT_DTYPES:
+            _, self.mod = ops.select_backend("project_ablate", device, dtype)
+
+    def __call__(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            out = x
+            if self.beta:
+                out = out - self.beta * ((out @ self.Q64) @ self.Q64.T)
+            if self.av64 is not None:
+                out = out + self.av64
+            if inplace:
+                x.copy_(out)
+                return x
+            return out
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if x.dtype != self.dtype or x.device != self.device or not x.is_contiguous() or grad:
+            alpha, v = (1.0, self.av32) if self.av32 is not None else (0.0, None)
+            return ops.project_ablate(x, self.Q32, self.beta, alpha, v, inplace=inplace and not grad)
+        if self.beta == 0.0 and x.dtype == torch.float32:  # addition in float32: one add, as the reference does it
+            if self.av32 is None:  # beta = 0 ablation: the identity
+                return x
+            return x.add_(self.av32) if inplace else x + self.av32
+        x2 = x.view(-1, self.d)
+        if x.numel() <= self.small and x.dtype == torch.float32:
+            # decode-step sized input on CPU: two BLAS calls that ATen runs on one thread; the fused kernel
+            # would open a parallel region, which costs more than the work when cores are busy
+            proj = torch.mm(x2, self.Q32)
+            if inplace:
+                x2.addmm_(proj, self.Q32T, alpha=-self.beta)
+            else:
+                x2 = torch.addmm(x2, proj, self.Q32T, alpha=-self.beta)
+            if self.av32 is not None:
+                x2.add_(self.av32)
+            return x if inplace else x2.view(x.shape)
+        if self.mod is None:
+            from .ops import reference
+
+            out, _ = reference.project_ablate(x2, self.Q32, self.beta, 1.0, self.av32, inplace, False)
+        else:
+            out = x2 if inplace else torch.empty_like(x2)
+            self.mod.project_ablate(x2, self.Q32, self.beta, 1.0, self.av32, out, None)
+        return x if inplace else out.view(x.shape)
+
+
+# --- positions ------------------------------------------------------------------------------------
+
+def _decoder_root(model: nn.Module, first_layer: nn.Module) -> nn.Module:
+    """The module that holds the decoder layers (``model.model``, ``model.transformer``): its forward sees the cache."""
+    for m in model.modules():
+        for c in m.children():
+            if isinstance(c, nn.ModuleList) and len(c) and c[0] is first_layer:
+                return m
+    return model
+
+
+def _cache_len(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache:  # legacy tuple cache: ((k, v), ...) with k [B, H, S, dh]
+        first = cache[0]
+        k = first[0] if isinstance(first, (tuple, list)) else first
+        return int(k.shape[-2]) if isinstance(k, torch.Tensor) else 0
+    return 0
+
+
+class _Gate:
+    """Which forwards (prefill or decode) and which positions an intervention edits.
+
+    ``active`` is None outside a forward of the decoder, True in a prompt forward, False in a decode
+    step; ``mask`` is None (every position) or a bool ``[B, T, 1]`` for the current prompt forward.
+    """
+
+    def __init__(self, positions, device, tokenizer=None, template=None, system=None):
+        self.active: bool | None = None
+        self.mask: torch.Tensor | None = None
+        self.user_mask = None
+        if isinstance(positions, torch.Tensor):
+            if positions.dtype != torch.bool or positions.dim() != 2:
+                raise ValueError(f"a positions mask must be a bool tensor [B, T], got {positions.dtype} "
+                                 f"{tuple(positions.shape)}")
+            self.mode = "mask"
+            self.user_mask = positions.to(device)
+        elif isinstance(positions, str) and positions in POSITION_MODES:
+            self.mode = positions
+        else:
+            raise ValueError(f"unknown positions mode {positions!r}; use one of {', '.join(map(repr, POSITION_MODES))} "
+                             "or a bool mask tensor [B, T]")
+        if self.mode == "instruction":
+            if tokenizer is None:
+                raise ValueError("positions='instruction' needs tokenizer= (and the template=/system= the prompts were "
+                                 "formatted with) to locate the instruction tokens")
+            from .prompts import split_template
+
+            split = split_template(tokenizer, template, system)
+            prefix_ids = tokenizer(split.prefix, add_special_tokens=False)["input_ids"]
+            self.prefix_ids = torch.tensor(prefix_ids, dtype=torch.long, device=device)
+            self.suffix_ids = torch.tensor(split.suffix_ids, dtype=torch.long, device=device)
+        self.every_forward = self.mode == "all"
+
+    def install(self, root: nn.Module) -> list:
+        if self.every_forward:
+            self.active = True
+            return []
+        names = list(inspect.signature(root.forward).parameters)
+        where = {n: i for i, n in enumerate(names)}
+
+        def get(args, kwargs, name):
+            if name in kwargs:
+                return kwargs[name]
+            i = where.get(name)
+            return args[i] if i is not None and i < len(args) else None
+
+        def pre(mod, args, kwargs):
+            cache = next((c for n in ("cache", "past_key_values", "past_key_value") if (c := get(args, kwargs, n)) is not None),
+                         None)
+            if _cache_len(cache) > 0:
+                self.active, self.mask = False, None
+                return None
+            self.active, self.mask = True, None
+            if self.mode == "prompt":
+                return None
+            ids, emb = get(args, kwargs, "input_ids"), get(args, kwargs, "inputs_embeds")
+            shape = tuple(ids.shape[:2]) if ids is not None else tuple(emb.shape[:2]) if emb is not None else None
+            if self.mode == "mask":
+                if shape != tuple(self.user_mask.shape):
+                    raise ValueError(f"the positions mask has shape {tuple(self.user_mask.shape)} but the prompt forward "
+                                     f"has [B, T] = {list(shape) if shape else 'unknown'}")
+                self.mask = self.user_mask[:, :, None]
+            else:
+                if ids is None:
+                    raise ValueError("positions='instruction' needs the forward to be given input_ids (it reads the "
+                                     "template's tokens around the instruction)")
+                self.mask = self._instruction_mask(ids, get(args, kwargs, "attention_mask"))[:, :, None]
+            return None
+
+        def post(mod, args, kwargs, out):
+            self.active, self.mask = None, None
+
+        return [root.register_forward_pre_hook(pre, with_kwargs=True),
+                root.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+    def _instruction_mask(self, ids: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Bool ``[B, T]``: the instruction tokens of left-padded formatted prompts."""
+        B, T = ids.shape
+        dev = ids.device
+        if attention_mask is None:
+            pad = torch.zeros(B, dtype=torch.long, device=dev)
+        else:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, T):
+                raise ValueError("positions='instruction' needs a 2-D attention_mask [B, T] (left padding), got "
+                                 f"{tuple(attention_mask.shape)}")
+            pad = T - attention_mask.long().sum(1)
+        P, S = self.prefix_ids.to(dev), self.suffix_ids.to(dev)
+        n_p, n_s = P.shape[0], S.shape[0]
+        if T < n_s + 1:
+            raise ValueError(f"the prompt forward has {T} tokens, too few for a formatted prompt (the template's "
+                             f"suffix alone has {n_s})")
+        idx = pad[:, None] + torch.arange(n_p, device=dev)
+        inside = idx < T
+        match = (ids.gather(1, idx.clamp(max=T - 1)) == P) & inside
+        lead = match.long().cumprod(1).sum(1)  # how many of the prefix tokens each row starts with
+        suffix_ok = (ids[:, T - n_s:] == S).all(1)
+        # the last prefix token may merge with the instruction's first characters (e.g. "[INST] " + "How")
+        ok = suffix_ok & (lead >= n_p - 1) & (pad + lead < T - n_s)
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"row {bad} of the prompt forward is not a left-padded prompt formatted with this chat "
+                             "template (its tokens around the instruction differ from the template's); format the "
+                             "prompts with pysafegeom.prompts.format_prompts and pass the same template=/system=")
+        pos = torch.arange(T, device=dev)
+        return (pos[None] >= (pad + lead)[:, None]) & (pos[None] < T - n_s)
+
+
+# --- hook installation ----------------------------------------------------------------------------
+
+def _install(model, ad: ModelAdapter, gate: _Gate, edit: _Edit, pre_layers, post_layers) -> list:
+    """Pre-hooks (block inputs) on ``pre_layers`` and output hooks (attention, MLP) on ``post_layers``."""
+    handles = gate.install(_decoder_root(model, ad.layers[0]))
+    if gate.every_forward:
+        def pre(mod, args, kwargs):
+            return _with_hidden(args, kwargs, edit(_hidden(args, kwargs), False))
+
+        def post(mod, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            y = edit(x, True)  # sublayer outputs are fresh tensors: edited in place where autograd allows
+            if y is x:
+                return None
+            return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+    else:
+        def state():
+            if gate.active is None:
+                raise RuntimeError(f"positions={gate.mode!r} needs the model to be called through its decoder's forward "
+                                   "(a layer ran outside it)")
+            return gate.active, gate.mask
+
+        def pre(mod, args, kwargs):
+            active, m = state()
+            if not active:
+                return None
+            x = _hidden(args, kwargs)
+            y = edit(x, False)
+            return _with_hidden(args, kwargs, y if m is None else torch.where(m, y, x))
+
+        def post(mod, args, out):
+            active, m = state()
+            if not active:
+                return None
+            x = out[0] if isinstance(out, tuple) else out
+            y = edit(x, m is None)
+            if m is not None:
+                y = torch.where(m, y, x)
+            elif y is x:
+                return None
+            return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+
+    for l in pre_layers:
+        handles.append(ad.layers[l].register_forward_pre_hook(pre, with_kwargs=True))
+    for l in post_layers:
+        handles.append(ad.attn_modules[l].register_forward_hook(post))
+        handles.append(ad.mlp_modules[l].register_forward_hook(post))
+    return handles
+
+
+def _layers(layers, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: nothing would be ablated; pass None for all layers")
+    return sorted({_check_layer(l, n_layers) for l in layers})
+
+
 @contextmanager
-def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[int] | None = None):
-    """Project ``direction`` (``[d]`` or a basis ``[d, k]``) out of the residual stream while inside the block."""
+def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[int] | None = None,
+           positions="all", tokenizer=None, template: str | None = None, system: str | None = None):
+    """Directional ablation ``x <- x - beta * Q Q^T x`` while inside the block.
+
+    ``direction``: ``[d]`` or a basis ``[d, k]`` (k <= 16), orthonormalised here (its span is ablated).
+    ``beta`` in [0, 1]: 1 is full ablation, less is partial. Applied to the input of every chosen block
+    and to its attention and MLP outputs; ``layers`` default all. ``positions``: see the module docstring.
+    """
     ad = ModelAdapter(model)
-    if not 0.0 <= float(beta) <= 1.0 or beta != beta:
-        raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
-    Q = _basis(direction, ad.d_model).to(ad.device)
-    idx = range(ad.n_layers) if layers is None else layers
-    for l in idx:
-        if not 0 <= l < ad.n_layers:
-            raise ValueError(f"layer {l} out of range [0, {ad.n_layers})")
-
-    def proj(x):
-        return ops.project_ablate(x, Q, beta=beta)
-
-    def pre(mod, args, kwargs):
-        return _replace_hidden(args, kwargs, proj)
-
-    def post(mod, args, out):
-        if isinstance(out, tuple):
-            return (proj(out[0]),) + tuple(out[1:])
-        return proj(out)
-
+    Q = _basis(direction, ad.d_model)
+    beta = _check_beta(beta)
+    idx = _layers(layers, ad.n_layers)
+    gate = _Gate(positions, ad.device, tokenizer, template, system)
+    edit = _Edit(Q, beta, None, ad.device, ad.dtype)
     handles = []
     try:
-        for l in idx:
-            handles.append(ad.layers[l].register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(ad.attn_modules[l].register_forward_hook(post))
-            handles.append(ad.mlp_modules[l].register_forward_hook(post))
+        handles = _install(model, ad, gate, edit, idx, idx)
         yield model
     finally:
         for h in handles:
@@ -76,26 +400,128 @@ def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[in
 
 
 @contextmanager
-def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0):
-    """Add ``alpha * vector`` to the input of block ``layer`` at all positions while inside the block."""
+def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, positions="all", tokenizer=None,
+        template: str | None = None, system: str | None = None):
+    """Activation addition ``x <- x + alpha * vector`` at the input of block ``layer`` while inside the block.
+
+    ``vector [d]`` is added as given, not normalised: with the raw difference-of-means carrier ``r`` this
+    is ``x + alpha * ||r|| * r_hat``, i.e. ``alpha`` is in units of the carrier's own norm (PROTOCOL.md
+    section 4; Arditi's alpha = -1 bypasses refusal, +1 induces it). ``positions``: see the module docstring.
+    """
     ad = ModelAdapter(model)
-    if not 0 <= layer < ad.n_layers:
-        raise ValueError(f"layer {layer} out of range [0, {ad.n_layers})")
-    if alpha != alpha:
-        raise ValueError("alpha is NaN")
+    layer = _check_layer(layer, ad.n_layers)
+    alpha = _check_alpha(alpha)
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"vector must be a torch.Tensor of shape [d], got {type(vector).__name__}")
     if vector.shape != (ad.d_model,):
         raise ValueError(f"vector has shape {tuple(vector.shape)} but the model's residual width is {ad.d_model}")
-    v = vector.to(device=ad.device, dtype=torch.float32)
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("vector is zero, NaN or infinite")
-    Q = (v / norm)[:, None]
-
-    def pre(mod, args, kwargs):
-        return _replace_hidden(args, kwargs, lambda x: ops.project_ablate(x, Q, beta=0.0, alpha=float(alpha), v=v))
-
-    h = ad.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+    v = vector.detach().to("cpu", torch.float64)
+    if not torch.isfinite(v).all():
+        raise ValueError("vector contains NaN or infinite values")
+    if v.norm() == 0:
+        raise ValueError("vector is zero: adding it would do nothing")
+    gate = _Gate(positions, ad.device, tokenizer, template, system)
+    edit = _Edit(None, 0.0, alpha * v, ad.device, ad.dtype)
+    handles = []
     try:
+        handles = _install(model, ad, gate, edit, [layer], [])
         yield model
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
+
+
+# --- weight orthogonalisation ---------------------------------------------------------------------
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+@torch.no_grad()
+def _orthogonalize_(W: torch.Tensor, Q64: torch.Tensor, residual_dim: int) -> None:
+    """``W`` with span(Q) removed from its residual side, in place (float64 weights in float64)."""
+    if W.dtype == torch.float64:
+        Q = Q64.to(W.device)
+        W.sub_(Q @ (Q.T @ W) if residual_dim == 0 else (W @ Q) @ Q.T)
+    else:
+        ops.orthogonalize_weight(W, Q64.to(W.device, torch.float32), residual_dim, inplace=True)
+
+
+@contextmanager
+def orthogonalize(model, direction: torch.Tensor):
+    """Weight orthogonalisation ``W <- W - Q Q^T W`` of every residual writer, in place, while inside the block.
+
+    The writers are the token (and position) embeddings, every attention and MLP output projection, and
+    their biases where they have them (:meth:`ModelAdapter.residual_writers`). Equivalent to full
+    :func:`ablate` at every layer and position. The unembedding is not edited: a head tied to the token
+    embedding is untied for the duration (it keeps the original weights) and tied again on exit. On exit,
+    normal or by an exception, every edited tensor is restored bit for bit from an exact copy (memory: one
+    copy of the writers' weights).
+    """
+    ad = ModelAdapter(model)
+    Q = _basis(direction, ad.d_model)
+    writers = ad.residual_writers()  # raises for architectures where the edit is not equivalent
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    head, head_param = ad.lm_head, None
+    try:
+        with torch.no_grad():
+            if _shares_storage(head.weight, ad.embed.weight):
+                head_param = head.weight
+                head.weight = nn.Parameter(head_param.detach().clone(), requires_grad=head_param.requires_grad)
+            seen = set()
+            for w in writers:
+                tensors = [(w.module.weight, w.residual_dim)]
+                b = getattr(w.module, "bias", None)
+                if isinstance(b, torch.Tensor) and w.name != "embed" and w.name != "pos_embed":
+                    tensors.append((b[None], 1))  # a bias [d] is one residual vector
+                for t, rdim in tensors:
+                    key = t.untyped_storage().data_ptr(), t.storage_offset()
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    saved.append((t, t.detach().clone()))
+                    _orthogonalize_(t, Q, rdim)
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, orig in saved:
+                t.copy_(orig)
+            if head_param is not None:
+                head.weight = head_param
+
+
+def _untie_in_config(config) -> None:
+    """Set ``tie_word_embeddings=False`` on a config (and on its text config, for multimodal configs)."""
+    cfgs = [config]
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        cfgs.append(config.get_text_config())
+    for cfg in cfgs:
+        cfg.tie_word_embeddings = False
+
+
+def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` with ``direction`` orthogonalised out of its weights as a new Hugging Face folder.
+
+    The folder (config, safetensors, tokenizer) appears atomically and loads with plain
+    ``transformers.AutoModelForCausalLM.from_pretrained``; its logits equal those of :func:`ablate` hooks
+    (full ablation, all layers and positions) up to float rounding. A head tied to the token embedding is
+    saved as its own (unedited) weight, with ``tie_word_embeddings=False`` in the exported config. The
+    in-memory model is unchanged afterwards. Returns the folder.
+    """
+    from ._io import atomic_dir
+
+    ad = ModelAdapter(model)
+    tied = _shares_storage(ad.lm_head.weight, ad.embed.weight)
+    config = model.config
+    with orthogonalize(model, direction):
+        try:
+            if tied:
+                model.config = copy.deepcopy(config)
+                _untie_in_config(model.config)
+            with atomic_dir(out_dir) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        finally:
+            model.config = config
+    return Path(out_dir)
