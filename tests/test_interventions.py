@@ -98,6 +98,11 @@ def test_hooks_and_weights_agree_to_float32_rounding(tok, arch):
     """Logits through hooks and through edited weights, against hooks on a float64 copy (gemma and gpt2:
     tied heads; gpt2: position embeddings and output biases)."""
     model = _tiny(arch, tok)
+    with torch.no_grad():  # biases start at zero; give them values so that their edit is tested too
+        g = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
     fb = format_prompts(tok, PROMPTS)
     Q = _direction(32, seed=2, k=2)
     with ablate(model, Q):

@@ -1,0 +1,348 @@
+"""Intervention sweeps with matched random-direction controls (PROTOCOL.md section 4, "Sweeps" and "Controls").
+
+``sweep(model, tokenizer, H, R, harmful, harmless, layer=l, kind="add")`` applies, for each carrier
+(``"H"``, ``"R"``, ``"joint"``) and each value, one intervention and measures its effect with one
+forward pass per prompt (no generation), at the last prompt position (``t_post_inst``):
+
+* ``refusal_harmful`` / ``refusal_harmless``: change of the mean refusal score (PROTOCOL 2.4, log-odds of
+  the refusal tokens) on the harmful / harmless prompts, intervened minus baseline;
+* ``kl_harmless``: mean KL(base || intervened) of the next-token distribution on the harmless prompts.
+
+Interventions, with ``h_hat = H/||H||`` and ``r_hat = R/||R||`` (``H``, ``R``: raw difference-of-means
+carriers read at ``layer``):
+
+* ``kind="add"`` (ActAdd at ``layer``): ``x <- x + alpha * m * u``, ``alpha`` in units of the carrier's own
+  norm (default ``ADD_ALPHAS``). H: ``u = h_hat``, ``m = ||H||``; R: ``u = r_hat``, ``m = ||R||``; joint:
+  ``u = (h_hat + r_hat) / ||h_hat + r_hat||``, the unit bisector of the two carriers (the direction in
+  their span that moves both equally), with ``m = (||H|| + ||R||) / 2``.
+* ``kind="ablate"`` (partial directional ablation at every layer): ``x <- x - beta * Q Q^T x`` (default
+  ``ABLATE_BETAS``). H: ``Q = h_hat``; R: ``Q = r_hat``; joint: ``Q`` an orthonormal basis of span(h_hat, r_hat).
+
+Controls: ``n_controls`` random Gaussian unit vectors (for ``"joint"``, random 2-D subspaces; its addition
+uses their bisector, which is again a random unit vector), drawn from a CPU generator seeded with ``seed``,
+optionally made orthogonal to span(h_hat, r_hat). The same control directions serve every value of a
+carrier; they are applied at the same layer, positions and value, with the carrier's magnitude ``m``. For
+each (carrier, value, metric) the result holds the carrier's effect, the controls' effects, their mean and
+standard deviation (n - 1), and the carrier's percentile among the controls: ``100 * (#{c < e} + #{c == e} / 2) / n``
+(signed: a bypass that lowers the refusal score more than every control sits at 0, an induction that
+raises it more than every control at 100).
+
+A value of 0 (alpha or beta) is the identity, so its effects are exactly 0 and no forward is run for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+ADD_ALPHAS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+ABLATE_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CARRIERS = ("H", "R", "joint")
+METRICS = ("refusal_harmful", "refusal_harmless", "kl_harmless")
+KINDS = ("add", "ablate")
+
+
+@dataclass
+class SweepRow:
+    """One (carrier, value, metric) cell: the carrier's effect and its matched controls' effects."""
+
+    carrier: str
+    value: float
+    metric: str
+    effect: float
+    controls: list[float] = field(default_factory=list)
+    control_mean: float | None = None
+    control_sd: float | None = None
+    percentile: float | None = None
+
+    @property
+    def excess(self) -> float | None:
+        """``effect - control_mean``: the effect beyond what a random direction of the same size does."""
+        return None if self.control_mean is None else self.effect - self.control_mean
+
+
+@dataclass
+class SweepResult:
+    """A sweep's settings, baseline and rows (see the module docstring for every definition).
+
+    ``magnitudes``: ``m`` per carrier (the norm each addition is scaled by; ablation is scale-free and
+    records the carrier norms for reference). ``baseline``: mean refusal scores without intervention.
+    ``controls_max_cos``: the largest |cosine| between a control direction and span(h_hat, r_hat) (about 0
+    with ``orthogonal_controls``).
+    """
+
+    kind: str
+    layer: int
+    values: list[float]
+    carriers: list[str]
+    positions: dict[str, str]
+    n_controls: int
+    orthogonal_controls: bool
+    seed: int
+    magnitudes: dict[str, float]
+    baseline: dict[str, float]
+    n_harmful: int
+    n_harmless: int
+    controls_max_cos: float | None
+    rows: list[SweepRow]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe dict (NaN and infinities become None)."""
+        return _json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepResult":
+        d = dict(d)
+        d["rows"] = [SweepRow(**{k: (float("nan") if v is None and k == "effect" else v) for k, v in r.items()})
+                     for r in d["rows"]]
+        return cls(**d)
+
+    def row(self, carrier: str, value: float, metric: str) -> SweepRow:
+        for r in self.rows:
+            if r.carrier == carrier and r.value == float(value) and r.metric == metric:
+                return r
+        raise KeyError(f"no row for carrier={carrier!r}, value={value!r}, metric={metric!r}")
+
+    def table(self, metric: str | None = None) -> list[dict]:
+        """One flat dict per row (optionally one metric): carrier, value, metric, effect, controls' mean and
+        sd, excess (effect - controls' mean) and percentile, ready for a CSV writer or a report table."""
+        if metric is not None and metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        value_name = "alpha" if self.kind == "add" else "beta"
+        return [{"carrier": r.carrier, value_name: r.value, "metric": r.metric, "effect": r.effect,
+                 "control_mean": r.control_mean, "control_sd": r.control_sd, "excess": r.excess,
+                 "percentile": r.percentile}
+                for r in self.rows if metric is None or r.metric == metric]
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def control_directions(d: int, n: int, k: int = 1, *, seed: int = 0, orthogonal_to: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """``n`` random orthonormal bases ``[n, d, k]`` float64 (k = 1: Gaussian unit vectors), reproducible by ``seed``.
+
+    Drawn on the CPU (the same on every device). With ``orthogonal_to`` (``[d, j]``), each draw is first
+    projected onto the orthogonal complement of its column span.
+    """
+    if n < 1:
+        raise ValueError(f"n_controls must be >= 1 when controls are asked for, got {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    G = torch.randn(n, d, k, generator=g, dtype=torch.float64)
+    if orthogonal_to is not None:
+        P, _ = torch.linalg.qr(orthogonal_to.to(torch.float64).cpu())
+        G = G - P @ (P.T @ G)
+    Q, _ = torch.linalg.qr(G)
+    return Q
+
+
+def _carrier(v, d: int, name: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"carrier {name} must be a torch.Tensor of shape [{d}], got {type(v).__name__}")
+    if v.shape != (d,):
+        raise ValueError(f"carrier {name} has shape {tuple(v.shape)} but the model's residual width is {d}")
+    v = v.detach().to("cpu", torch.float64)
+    if not torch.isfinite(v).all():
+        raise ValueError(f"carrier {name} contains NaN or infinite values")
+    if v.norm() == 0:
+        raise ValueError(f"carrier {name} is zero")
+    return v
+
+
+def _values(kind: str, values) -> list[float]:
+    if values is None:
+        return list(ADD_ALPHAS if kind == "add" else ABLATE_BETAS)
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("values is empty: nothing to sweep")
+    for v in vals:
+        if not math.isfinite(v):
+            raise ValueError(f"sweep values must be finite numbers, got {v!r}")
+        if kind == "ablate" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"ablation betas must lie in [0, 1], got {v!r}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"sweep values contain duplicates: {vals}")
+    return vals
+
+
+def _percentile(e: float, cs: list[float]) -> float:
+    below = sum(c < e for c in cs)
+    ties = sum(c == e for c in cs)
+    return 100.0 * (below + 0.5 * ties) / len(cs)
+
+
+def sweep(
+    model,
+    tokenizer,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    harmful: list[str],
+    harmless: list[str],
+    *,
+    layer: int,
+    refusal_tokens: list[int] | None = None,
+    kind: str = "add",
+    values: list[float] | None = None,
+    carriers: tuple[str, ...] = CARRIERS,
+    controls: bool = True,
+    n_controls: int = 10,
+    orthogonal_controls: bool = False,
+    seed: int = 0,
+    positions: str | dict[str, str] = "all",
+    batch_size: int = 32,
+    template: str | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Sweep ActAdd (``kind="add"``) or partial ablation (``kind="ablate"``) over the carriers, with matched controls.
+
+    ``H``, ``R``: raw difference-of-means carriers ``[d]`` read at ``layer`` (e.g. ``carriers.h_at(l)``
+    and ``carriers.r_at(l, "eoi-1")``). ``refusal_tokens``: default
+    :func:`pysafegeom.protocol.carriers.find_refusal_tokens`. ``positions``: ``"all"`` or
+    ``"instruction"`` (``"prompt"`` equals ``"all"`` here: there is no generation), one for every
+    carrier or a dict per carrier, e.g. ``{"H": "instruction", "R": "all", "joint": "all"}``; controls
+    use their carrier's positions. Definitions of values, magnitudes, controls and effects: module docstring.
+    """
+    from .interventions import _check_layer, ablate, add
+    from .models import ModelAdapter
+    from .protocol.capture import refusal_scores_from_logits
+    from .protocol.carriers import find_refusal_tokens
+    from .protocol.selection import _batches, _kl, _last_logits
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown sweep kind {kind!r}; choose 'add' (ActAdd) or 'ablate' (partial ablation)")
+    ad = ModelAdapter(model)
+    d = ad.d_model
+    layer = _check_layer(layer, ad.n_layers)
+    Hv, Rv = _carrier(H, d, "H"), _carrier(R, d, "R")
+    vals = _values(kind, values)
+    carriers = [carriers] if isinstance(carriers, str) else list(carriers)
+    if not carriers:
+        raise ValueError("carriers is empty: give at least one of 'H', 'R', 'joint'")
+    for c in carriers:
+        if c not in CARRIERS:
+            raise ValueError(f"unknown carrier {c!r}; choose from {', '.join(CARRIERS)}")
+    if len(set(carriers)) != len(carriers):
+        raise ValueError(f"carriers contain duplicates: {carriers}")
+    if isinstance(positions, str):
+        positions = {c: positions for c in carriers}
+    positions = dict(positions)
+    for c in carriers:
+        p = positions.get(c)
+        if p not in ("all", "prompt", "instruction"):
+            raise ValueError(f"positions for carrier {c} must be 'all', 'prompt' or 'instruction', got {p!r}")
+    if controls and (isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1):
+        raise ValueError(f"n_controls must be an integer >= 1 when controls are asked for, got {n_controls!r} "
+                         "(pass controls=False for none)")
+    for name, xs in (("harmful", harmful), ("harmless", harmless)):
+        if isinstance(xs, str) or not list(xs):
+            raise ValueError(f"the {name} prompt list is empty (or a single string): give a list of prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    harmful, harmless = list(harmful), list(harmless)
+    if refusal_tokens is None:
+        refusal_tokens = find_refusal_tokens(tokenizer)
+    refusal_tokens = list(refusal_tokens)
+    if not refusal_tokens:
+        raise ValueError("refusal_tokens is empty")
+
+    h_hat, r_hat = Hv / Hv.norm(), Rv / Rv.norm()
+    cos = float(h_hat @ r_hat)
+    span = torch.stack([h_hat, r_hat], 1)  # [d, 2]
+    if "joint" in carriers and abs(cos) > 1 - 1e-6:
+        raise ValueError(f"H and R are (anti)parallel (cos = {cos:.6f}): their joint span is one-dimensional; "
+                         "drop 'joint' from carriers")
+    nH, nR = float(Hv.norm()), float(Rv.norm())
+    magnitudes = {"H": nH, "R": nR, "joint": (nH + nR) / 2}
+    unit = {"H": h_hat[:, None], "R": r_hat[:, None], "joint": torch.linalg.qr(span)[0]}
+    add_dir = {"H": h_hat, "R": r_hat, "joint": (h_hat + r_hat) / (h_hat + r_hat).norm()}
+
+    ctrl = {}
+    max_cos = None
+    if controls:
+        avoid = span if orthogonal_controls else None
+        one = control_directions(d, n_controls, 1, seed=seed, orthogonal_to=avoid)  # [n, d, 1]
+        two = control_directions(d, n_controls, 2, seed=seed + 1, orthogonal_to=avoid) if "joint" in carriers else None
+        for c in carriers:
+            ctrl[c] = two if c == "joint" else one
+        Pspan = torch.linalg.qr(span)[0]
+        used = [one[:, :, 0]] + ([two[:, :, 0], two[:, :, 1]] if two is not None else [])
+        max_cos = float(max((u @ Pspan).norm(dim=1).max() for u in used))
+
+    nh = len(harmful)
+    dev = ad.device
+    notes = []
+    with torch.no_grad():
+        batches = _batches(tokenizer, harmful + harmless, template, system, batch_size, dev)
+        base = _last_logits(model, batches)
+        base_scores = refusal_scores_from_logits(base, refusal_tokens)
+        base_h, base_l = base_scores[:nh].mean().item(), base_scores[nh:].mean().item()
+
+        def measure(ctx) -> dict[str, float]:
+            with ctx:
+                logits = _last_logits(model, batches)
+            s = refusal_scores_from_logits(logits, refusal_tokens)
+            return {"refusal_harmful": s[:nh].mean().item() - base_h,
+                    "refusal_harmless": s[nh:].mean().item() - base_l,
+                    "kl_harmless": _kl(base[nh:], logits[nh:]).mean().item()}
+
+        def context(c: str, Q: torch.Tensor, u: torch.Tensor, value: float):
+            pos = "all" if positions[c] == "prompt" else positions[c]
+            kw = dict(positions=pos, tokenizer=tokenizer, template=template, system=system)
+            if kind == "add":
+                return add(model, (magnitudes[c] * u).to(torch.float32), layer, alpha=value, **kw)
+            return ablate(model, Q.to(torch.float32), beta=value, **kw)
+
+        def directions(c: str, i: int | None):
+            if i is None:
+                return unit[c], add_dir[c]
+            Q = ctrl[c][i]
+            u = Q[:, 0] if Q.shape[1] == 1 else (Q[:, 0] + Q[:, 1]) / math.sqrt(2)
+            return Q, u
+
+        zero = dict.fromkeys(METRICS, 0.0)
+        n_ctrl = n_controls if controls else 0
+        runs = [(c, v, i) for c in carriers for v in vals for i in [None] + list(range(n_ctrl))]
+        effects: dict[tuple, dict[str, float]] = {}
+        bar = tqdm(total=sum(1 for c, v, i in runs if v != 0.0), desc=f"sweep {kind}", unit="cond", disable=not progress)
+        try:
+            for c, v, i in runs:
+                if v == 0.0:
+                    effects[c, v, i] = zero
+                    continue
+                Q, u = directions(c, i)
+                effects[c, v, i] = measure(context(c, Q, u, v))
+                bar.update(1)
+        finally:
+            bar.close()
+
+    rows = []
+    for c in carriers:
+        for v in vals:
+            for m in METRICS:
+                e = effects[c, v, None][m]
+                row = SweepRow(c, v, m, e)
+                if controls:
+                    cs = [effects[c, v, i][m] for i in range(n_controls)]
+                    row.controls = cs
+                    row.control_mean = sum(cs) / len(cs)
+                    row.control_sd = (math.sqrt(sum((x - row.control_mean) ** 2 for x in cs) / (len(cs) - 1))
+                                      if len(cs) > 1 else None)
+                    row.percentile = _percentile(e, cs)
+                rows.append(row)
+    if controls and n_controls < 10:
+        notes.append(f"{n_controls} controls (PROTOCOL 4 uses 10): percentiles are coarse")
+    return SweepResult(kind, layer, vals, carriers, {c: positions[c] for c in carriers}, n_controls if controls else 0,
+                       bool(orthogonal_controls), int(seed), magnitudes, {"refusal_harmful": base_h,
+                       "refusal_harmless": base_l}, nh, len(harmless), max_cos, rows, notes)
