@@ -240,6 +240,20 @@ def test_generation_under_ablation_hooks(tok, llama):
     assert generate(llama, tok, PROMPTS, max_new_tokens=6, batch_size=2, progress=False) == plain.texts  # hooks gone
 
 
+def test_ablation_hooks_and_weight_orthogonalisation_generate_the_same(tok, llama):
+    from pysafegeom import interventions
+
+    if not hasattr(interventions, "orthogonalize"):
+        pytest.skip("interventions.orthogonalize is not available")
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    with interventions.ablate(llama, direction):
+        hooked = generate(llama, tok, PROMPTS, max_new_tokens=6, progress=False, return_details=True)
+    with interventions.orthogonalize(llama, direction):
+        orth = generate(llama, tok, PROMPTS, max_new_tokens=6, progress=False, return_details=True)
+    plain = generate(llama, tok, PROMPTS, max_new_tokens=6, progress=False, return_details=True)
+    assert orth.token_ids == hooked.token_ids != plain.token_ids
+
+
 def test_hooks_see_the_cache_prefill_then_decode(tok, llama):
     from pysafegeom.models import ModelAdapter
 
