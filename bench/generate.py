@@ -24,6 +24,7 @@ with ``plain``.
     python bench/generate.py                        # SmolLM2-135M-Instruct, 8 harmful + 8 harmless, 64 tokens
     python bench/generate.py --quick                # smoke run: 4 prompts x 8 tokens, 1 repeat
     python bench/generate.py --threads 1 --csv generate.csv
+    python bench/generate.py --model tiny-llama-d256-l8   # where the per-step Python overhead shows
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def _same(a, b) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="a load_model spec")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a load_model spec, or tiny-ARCH-dD-lN (a random model with SmolLM2's tokenizer, as in capture.py)")
     p.add_argument("--n", type=int, default=16, help="prompts (half bundled harmful, half harmless, test split)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (forced, no early stop)")
     p.add_argument("--batch-size", dest="bs", type=int, default=16)
@@ -189,11 +191,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pysafegeom.models import load_model
+    from capture import _load
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
+    model, tok = _load(args.model, args.device)
+    model.float()
     prompts = _prompts(args.n)
     direction, dir_desc = _direction(model, tok, args.direction)
     runners, notes = _runners(model, tok, prompts, direction, args.bs)
