@@ -137,7 +137,8 @@ class _Edit:
             self.Q32 = (self.av32 / self.av32.norm())[:, None].contiguous()
         self.Q32T = self.Q32.T.contiguous()
         self.d = self.Q32.shape[0]
-        self.small = 32768 if device.type == "cpu" else 0  # ATen's grain size: below it, ops run single-threaded
+        # ATen's grain size: below it, plain ops run single-threaded (a forced backend is always used)
+        self.small = 32768 if device.type == "cpu" and ops._backends.forced() is None else 0
         self.mod = None
         if dtype in ops.FLOAT_DTYPES:
             _, self.mod = ops.select_backend("project_ablate", device, dtype)

@@ -19,8 +19,8 @@ carriers read at ``layer``):
   ``ABLATE_BETAS``). H: ``Q = h_hat``; R: ``Q = r_hat``; joint: ``Q`` an orthonormal basis of span(h_hat, r_hat).
 
 Controls: ``n_controls`` random Gaussian unit vectors (for ``"joint"``, random 2-D subspaces; its addition
-uses their bisector, which is again a random unit vector), drawn from a CPU generator seeded with ``seed``,
-optionally made orthogonal to span(h_hat, r_hat). The same control directions serve every value of a
+uses their bisector, which is again a random unit vector), drawn from a CPU generator seeded with ``seed``
+(``seed + 1`` for the 2-D ones; :func:`control_directions`), optionally made orthogonal to span(h_hat, r_hat). The same control directions serve every value of a
 carrier; they are applied at the same layer, positions and value, with the carrier's magnitude ``m``. For
 each (carrier, value, metric) the result holds the carrier's effect, the controls' effects, their mean and
 standard deviation (n - 1), and the carrier's percentile among the controls: ``100 * (#{c < e} + #{c == e} / 2) / n``

@@ -39,11 +39,12 @@ def model(tok):
 def planted(model, tok):
     """R planted along the refusal tokens' unembedding rows (it writes their logits directly); H random.
 
-    Both have the same norm, several times the residual stream's own, so an addition dominates it."""
+    Norms of a few times the residual stream's own, so an addition dominates it; unequal, so that the
+    joint magnitude (their mean) is told apart from either."""
     rt = find_refusal_tokens(tok)
     R = ModelAdapter(model).lm_head.weight[rt].sum(0)
     H = torch.randn(D, generator=torch.Generator().manual_seed(5))
-    return 3 * H / H.norm(), 3 * R / R.norm(), rt
+    return 2 * H / H.norm(), 3 * R / R.norm(), rt
 
 
 def _run(model, tok, planted, **kw):
