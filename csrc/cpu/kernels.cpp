@@ -150,7 +150,9 @@ void gather_accumulate(const Tensor& hidden, const Tensor& positions, const Tens
 template <typename T>
 void project_rows(const T* x, const float* QT, int64_t N, int64_t d, int64_t k, float beta,
                   const float* av, T* out, float* proj) {
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1));
+  // ~64k multiply-adds per task: a decode step (a few rows) stays on the calling thread, since a parallel
+  // region costs more than the work there (and much more on a loaded machine)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(d * std::max<int64_t>(k, 1), 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     RowReader<T> read(d);
     std::vector<float> obuf(std::is_same<T, float>::value ? 0 : d);
