@@ -15,6 +15,14 @@ _LAZY = {
     "load_result": ("pysafegeom.analysis", "load_result"),
     "drift": ("pysafegeom.analysis", "drift"),
     "AnalysisConfig": ("pysafegeom.analysis", "AnalysisConfig"),
+    "anchor_findings": ("pysafegeom.analysis", "anchor_findings"),
+    "generate": ("pysafegeom.generate", "generate"),
+    "ablate": ("pysafegeom.interventions", "ablate"),
+    "add": ("pysafegeom.interventions", "add"),
+    "orthogonalize": ("pysafegeom.interventions", "orthogonalize"),
+    "export_orthogonalized": ("pysafegeom.interventions", "export_orthogonalized"),
+    "sweep": ("pysafegeom.sweeps", "sweep"),
+    "reopen_attacks": ("pysafegeom.protocol.reopen", "reopen_attacks"),
 }
 
 
