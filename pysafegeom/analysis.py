@@ -50,6 +50,7 @@ class AnalysisConfig:
     actadd: bool = False                  # also negative ActAdd of R and of H at the carrier layer
     max_new_tokens: int = 48              # greedy answers judged for refusal
     n_behaviour: int | None = None        # cap on each behavioural evaluation set (None: the whole test split)
+    sweeps: bool = False                  # PROTOCOL 4 sweeps: ActAdd alphas and partial-ablation betas, with controls
 
 
 @dataclass
@@ -66,6 +67,7 @@ class AnalysisResult:
     Q_R: torch.Tensor
     separation: dict = field(default_factory=dict)
     reopen: dict | None = None  # Reopen.to_dict() when analyze(..., interventions=True)
+    sweeps: dict | None = None  # {"add": SweepResult.to_dict(), "ablate": ...} when analyze(..., sweeps=True)
 
     # --- persistence ------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -81,6 +83,7 @@ class AnalysisResult:
             "separation": self.separation,
             "readouts": self.readouts,
             "reopen": self.reopen,
+            "sweeps": self.sweeps,
         }
 
     def save(self, out_dir: str | os.PathLike, report: bool = True) -> Path:
@@ -117,7 +120,7 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
     c = d["carriers"]
     carriers = Carriers(c["layers"], c["post_names"], t["H"], t["R"], c["r_fit"], c["fit_note"], c["counts"])
     return AnalysisResult(d["meta"], d["config"], carriers, Selection.from_dict(d["selection"]), d["metrics"],
-                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"))
+                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"), d.get("sweeps"))
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -381,8 +384,22 @@ def analyze(
         reopen = _nan_to_none(rep.to_dict())
         meta["timings_s"]["reopen"] = round(time.perf_counter() - t0, 2)
         meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    sweeps = None
+    if cfg.sweeps:
+        from .sweeps import sweep
+
+        t0 = time.perf_counter()
+        r_pos = sel.position if sel.layer is not None else ref_pos
+        sweeps = {kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, r_pos).float(), hf["val"][: cfg.n_val],
+                              hl["val"][: cfg.n_val], layer=ref_layer, refusal_tokens=rtoks, kind=kind,
+                              n_controls=max(1, cfg.n_controls), orthogonal_controls=cfg.orthogonal_controls,
+                              batch_size=cfg.batch_size or 32, template=cfg.template, system=cfg.system,
+                              progress=progress).to_dict()
+                  for kind in ("add", "ablate")}
+        meta["timings_s"]["sweeps"] = round(time.perf_counter() - t0, 2)
+        meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(metrics), readouts, Q_H.float(), Q_R.float(),
-                         _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}), reopen)
+                         _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}), reopen, sweeps)
     res.metrics["summary"] = summarize(res)
     return res
 

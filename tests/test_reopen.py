@@ -176,17 +176,17 @@ def test_percentile_counts_ties_half():
 
 def test_analyze_with_interventions_saves_table_and_report(model, tok, tmp_path):
     res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=3, selection_positions=["eoi-1"], min_filtered=1,
-                  progress=False, interventions=True, n_controls=1, max_new_tokens=4, n_behaviour=3,
-                  )
+                  progress=False, interventions=True, n_controls=1, max_new_tokens=4, n_behaviour=3, sweeps=True)
     rp = res.reopen
     assert [r["condition"] for r in rp["summary_rows"]] == ["baseline", "ablate R", "ablate H", "ablate span(H, R)"]
     assert rp["verdict"] and any(rp["verdict"] in line for line in res.metrics["summary"])
     assert res.meta["timings_s"]["reopen"] > 0
     out = res.save(tmp_path / "r")
     again = load_result(out)
-    assert again.reopen == res.reopen
+    assert again.reopen == res.reopen and again.sweeps == res.sweeps
+    assert set(res.sweeps) == {"add", "ablate"} and res.sweeps["add"]["layer"] == res.metrics["reference"]["layer"]
     html = (out / "report.html").read_text()
-    assert "Reopening attacks" in html and "Behavioural diagnostics" in html and "<svg" in html
+    assert "Reopening attacks" in html and "Behavioural diagnostics" in html and "Sweeps (PROTOCOL 4)" in html
     lines = anchor_findings(again, again)
     assert any(l.startswith("Finding 1") for l in lines) and any(l.startswith("Finding 2") for l in lines)
 

@@ -91,6 +91,32 @@ def _page(title: str, body: str) -> str:
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>")
 
 
+def sweeps_section(sweeps: dict) -> str:
+    """Effect of each carrier against alpha / beta, with its matched controls' mean (dashed) (PROTOCOL 4 sweeps)."""
+    out = ["<h2>Sweeps (PROTOCOL 4): ActAdd and partial ablation with matched random controls</h2><div class='grid'>"]
+    charts = (("add", "refusal_harmless", "ActAdd at the carrier layer: refusal score change, harmless prompts", "alpha (units of the carrier norm)"),
+              ("add", "refusal_harmful", "ActAdd at the carrier layer: refusal score change, harmful prompts", "alpha (units of the carrier norm)"),
+              ("ablate", "refusal_harmful", "partial ablation, every layer: refusal score change, harmful prompts", "beta"),
+              ("ablate", "kl_harmless", "partial ablation, every layer: KL on harmless prompts", "beta"))
+    for kind, metric, title, xlabel in charts:
+        sw = sweeps.get(kind)
+        if not sw:
+            continue
+        series = {}
+        for c in sw["carriers"]:
+            rows = sorted((r for r in sw["rows"] if r["carrier"] == c and r["metric"] == metric), key=lambda r: r["value"])
+            xs = [r["value"] for r in rows]
+            series[c] = (xs, [r["effect"] if r["effect"] is not None else float("nan") for r in rows])
+            series[f"{c}: controls' mean"] = (xs, [r["control_mean"] if r["control_mean"] is not None else float("nan") for r in rows])
+        out.append(line_chart(series, title, xlabel, "change" if metric != "kl_harmless" else "KL", integer_x=False))
+    out.append("</div>")
+    sw = sweeps.get("add") or sweeps.get("ablate")
+    out.append(f"<p class='note'>Layer {sw['layer']}; {sw['n_controls']} random directions per carrier"
+               f"{' (orthogonal to span(H, R))' if sw['orthogonal_controls'] else ''}; {sw['n_harmful']} harmful and "
+               f"{sw['n_harmless']} harmless validation prompts; one forward each, effect at the last prompt token.</p>")
+    return "\n".join(out)
+
+
 def render_report(res) -> str:
     """HTML for an :class:`pysafegeom.analysis.AnalysisResult`."""
     return _page(f"pysafegeom: {res.meta['model']}", report_body(res))
@@ -162,6 +188,8 @@ def report_body(res, level: int = 1) -> str:
 
     if getattr(res, "reopen", None):
         parts.append(reopen_section(res.reopen))
+    if getattr(res, "sweeps", None):
+        parts.append(sweeps_section(res.sweeps))
 
     # numbers table
     lg = m["latent_guard"]

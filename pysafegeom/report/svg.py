@@ -68,10 +68,12 @@ class _Frame:
         lo, hi = self.ylim
         return round(self.h - self.mb - (v - lo) / (hi - lo) * (self.h - self.mt - self.mb), 2)
 
-    def legend(self, names):
+    def legend(self, names, colors=None):
+        per_row = max(1, (self.w - self.ml - self.mr) // 150)
         for i, name in enumerate(names):
-            x, y = self.ml + 8 + 130 * i, self.mt + 12
-            self.parts.append(f'<rect x="{x}" y="{y - 8}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+            x, y = self.ml + 8 + 150 * (i % per_row), self.mt + 12 + 14 * (i // per_row)
+            color = colors[i] if colors else PALETTE[i % len(PALETTE)]
+            self.parts.append(f'<rect x="{x}" y="{y - 8}" width="10" height="10" fill="{color}"/>'
                               f'<text x="{x + 14}" y="{y + 1}">{html.escape(name)}</text>')
 
     def done(self):
@@ -87,19 +89,25 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, x
     f = _Frame(width, height, _range(xs, 0.02), ylim or _range(ys), title, xlabel, ylabel, integer_x=integer_x)
     if vline is not None:
         f.parts.append(f'<line x1="{f.x(vline)}" y1="{f.mt}" x2="{f.x(vline)}" y2="{height - f.mb}" stroke="#444" stroke-dasharray="4 3"/>')
+    colors: dict[str, str] = {}
     for i, (name, (sx, sy)) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+        # "X: controls' mean" is drawn dashed in X's colour
+        base = name.split(":")[0] if "control" in name else name
+        color = colors.setdefault(base, PALETTE[len(colors) % len(PALETTE)])
+        dash = ' stroke-dasharray="5 4"' if "control" in name else ""
         seg: list[str] = []
         for x, y in zip(sx, sy):
             if y == y and math.isfinite(y):
                 seg.append(f"{f.x(x)},{f.y(y)}")
                 f.parts.append(f'<circle cx="{f.x(x)}" cy="{f.y(y)}" r="2.5" fill="{color}"/>')
             elif seg:
-                f.parts.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"/>')
+                f.parts.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
                 seg = []
         if seg:
-            f.parts.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"/>')
-    f.legend(list(series))
+            f.parts.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+    shown = [n for n in series if "control" not in n]
+    extra = ["dashed: matched controls' mean"] if len(shown) < len(series) else []
+    f.legend(shown + extra, [colors[n] for n in shown] + ["#777"] * len(extra))
     return f.done()
 
 
