@@ -107,33 +107,20 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def random_frames(d: int, k: int, n: int, *, avoid: torch.Tensor | None = None, seed: int = 0) -> list[torch.Tensor]:
-    """``n`` random orthonormal ``[d, k]`` frames (Gaussian, QR), orthogonal to the columns of ``avoid`` when given."""
-    if n < 1:
-        raise ValueError(f"n_controls must be >= 1, got {n}")
-    g = torch.Generator().manual_seed(int(seed))
-    P = None
-    if avoid is not None:
-        Qa, _ = torch.linalg.qr(avoid.to(torch.float64))
-        P = Qa
-        if d - Qa.shape[1] < k:
-            raise ValueError(f"no room for a {k}-D control orthogonal to a {Qa.shape[1]}-D span in width {d}")
-    out = []
-    for _ in range(n):
-        X = torch.randn(d, k, generator=g, dtype=torch.float64)
-        if P is not None:
-            X = X - P @ (P.T @ X)
-        q, _ = torch.linalg.qr(X)
-        out.append(q)
-    return out
+    """``n`` random orthonormal ``[d, k]`` frames (the sweeps' :func:`control_directions`), orthogonal to ``avoid``'s columns."""
+    from ..sweeps import control_directions
+
+    if avoid is not None and d - torch.linalg.matrix_rank(avoid.to(torch.float64)) < k:
+        raise ValueError(f"no room for a {k}-D control orthogonal to a {avoid.shape[1]}-D span in width {d}")
+    return list(control_directions(d, n, k, seed=seed, orthogonal_to=avoid))
 
 
 def percentile(value: float, controls: Sequence[float]) -> float | None:
     """Share of controls below ``value`` (ties count half), in percent; None without controls or a NaN value."""
+    from ..sweeps import _percentile
+
     vals = [c for c in controls if c == c]
-    if not vals or value != value:
-        return None
-    below = sum(c < value for c in vals) + 0.5 * sum(c == value for c in vals)
-    return 100.0 * below / len(vals)
+    return _percentile(value, vals) if vals and value == value else None
 
 
 def _mean_sd(xs: Sequence[float]) -> tuple[float | None, float | None]:
