@@ -317,7 +317,9 @@ def reopen_attacks(
                 diagnostics = {
                     "robust_refusal": asr[jnames[0]],
                     "robust_refusal_attacks": asr_att[jnames[0]] if asr_att else None,
-                    "harmful_usefulness": harmful_usefulness(harmful, a_h, primary_verdicts, model_judge).to_dict(),
+                    # the heuristic's word floor must be reachable within the token budget (~0.75 words/token)
+                    "harmful_usefulness": harmful_usefulness(harmful, a_h, primary_verdicts, model_judge,
+                                                             min_words=min(40, max(8, max_new_tokens // 2))).to_dict(),
                     "exaggerated_safety": exaggerated_safety(xs_v, unsafe_v).to_dict(),
                     "benign_utility": util,
                 }
