@@ -274,11 +274,16 @@ def analyze(
     if sel.layer is not None:
         ref_layer, ref_pos, ref_why = sel.layer, sel.position, f"selected carrier ({sel.outcome})"
     else:
-        evaluated = [c for c in sel.candidates if not c.pruned and c.bypass == c.bypass]
-        best = min(evaluated, key=lambda c: c.bypass) if evaluated else None
+        # fallback: prefer a candidate that keeps the model intact (KL within the relaxed threshold, only induce
+        # failing): the lowest bypass over all candidates is usually the one that breaks the model outright
+        evaluated = [c for c in sel.candidates if not c.pruned and c.bypass == c.bypass and c.kl == c.kl]
+        gentle = [c for c in evaluated if c.kl <= cfg.relaxed_kl_threshold]
+        best = min(gentle or evaluated, key=lambda c: c.bypass) if evaluated else None
         ref_layer = best.layer if best else L // 2
         ref_pos = best.position if best else "eoi-1"
-        ref_why = "no admissible carrier: the evaluated candidate with the lowest bypass score (not admissible)"
+        ref_why = ("no admissible carrier: the candidate with the lowest bypass score among those with KL <= "
+                   f"{cfg.relaxed_kl_threshold} (its induce score is negative; not admissible)" if gentle else
+                   "no admissible carrier: the evaluated candidate with the lowest bypass score (not admissible)")
     li = car.layers.index(ref_layer)
 
     # metrics (PROTOCOL 3)
@@ -523,14 +528,21 @@ def anchor_findings(anchor: AnalysisResult, base: AnalysisResult | None = None) 
         rows = {r["condition"]: r for r in anchor.reopen["summary_rows"]}
         r, h = rows["ablate R"], rows["ablate H"]
         more = r["delta_asr"] > h["delta_asr"]
+        from .protocol.reopen import BROKEN_KL
+
+        if r["kl"] is not None and r["kl"] > BROKEN_KL:
+            out.append(f"Finding 2 cannot be judged: ablating R breaks the model (KL {r['kl']:.1f} nats on harmless prompts), so "
+                       f"its ΔASR {r['delta_asr']:+.0%} (H: {h['delta_asr']:+.0%}) counts incoherent answers, not reopened attacks.")
+            more = None
         sig = next((n for n in anchor.reopen.get("notes", []) if n.startswith("paired McNemar")), "")
         beyond = r.get("delta_asr_percentile")
-        out.append(("Finding 2 reproduced" if more else "Finding 2 not reproduced")
-                   + f": R ablation ΔASR {r['delta_asr']:+.0%} vs H ablation {h['delta_asr']:+.0%} "
-                   f"(n = {anchor.reopen['n']['harmful']}; {sig}"
-                   + (f"; R at the {beyond:.0f}th percentile of its random controls" if beyond is not None else "") + ")."
-                   + ("" if not more or "p = " not in sig or float(sig.split("= ")[-1]) < 0.05 else
-                      " The difference is not significant at this sample size."))
+        if more is not None:
+            out.append(("Finding 2 reproduced" if more else "Finding 2 not reproduced")
+                       + f": R ablation ΔASR {r['delta_asr']:+.0%} vs H ablation {h['delta_asr']:+.0%} "
+                       f"(n = {anchor.reopen['n']['harmful']}; {sig}"
+                       + (f"; R at the {beyond:.0f}th percentile of its random controls" if beyond is not None else "") + ")."
+                       + ("" if not more or "p = " not in sig or float(sig.split("= ")[-1]) < 0.05 else
+                          " The difference is not significant at this sample size."))
         if base is not None and base.reopen:
             b0 = base.reopen["diagnostics"]["robust_refusal"]["value"]
             a0 = anchor.reopen["diagnostics"]["robust_refusal"]["value"]

@@ -194,3 +194,16 @@ def test_analyze_with_interventions_saves_table_and_report(model, tok, tmp_path)
 def test_analyze_rejects_judges_without_interventions(model, tok):
     with pytest.raises(ValueError, match="interventions=True"):
         analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=3, min_filtered=1, progress=False, judges=[SubstringJudge()])
+
+
+def test_verdict_flags_interventions_that_break_the_model(rep):
+    from pysafegeom.protocol.reopen import BROKEN_KL, reopen_verdict, summarise
+
+    broken = Reopen.from_dict(rep.to_dict())
+    broken.row("ablate R").kl = BROKEN_KL * 5
+    broken.summary_rows = summarise(broken.conditions)
+    words, _ = reopen_verdict(broken)
+    assert "ablate R (KL 5.0 nats)" in words and "break the model" in words
+    assert "ablate H (KL" not in words
+    intact, _ = reopen_verdict(rep)
+    assert ("Caution" in intact) == any(r["kl"] > BROKEN_KL for r in rep.summary_rows)
