@@ -102,8 +102,14 @@ def _cmd_analyze(args) -> int:
         opts["selection_positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
     if args.batch_size:
         opts["batch_size"] = args.batch_size
+    if args.interventions or args.sweeps:
+        opts.update(interventions=args.interventions, sweeps=args.sweeps, n_controls=args.n_controls,
+                    max_new_tokens=args.max_new_tokens)
+    extra = {"attacks": args.attacks, "benign": args.benign} if args.interventions else {}
+    if args.attacks and not args.interventions:
+        raise ValueError("--attacks is used by the reopen table: add --interventions")
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
-                  template=args.template, system=args.system, **opts)
+                  template=args.template, system=args.system, **extra, **opts)
     out = res.save(args.out)
     print("\n".join(res.metrics["summary"]))
     print(f"\nwrote {out}/result.json, carriers.safetensors and report.html "
@@ -187,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: chosen to fit memory)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    s.add_argument("--interventions", action="store_true", help="add the reopen table (R, H, span(H, R) ablated, with "
+                   "matched controls) and the four behavioural diagnostics; generates answers, so it takes longer")
+    s.add_argument("--attacks", default=None, help="attack prompts file (e.g. GCG/AutoDAN test cases) for the reopen table")
+    s.add_argument("--benign", default=None, help="benign prompts file, with reference answers for the CE proxy (default: bundled)")
+    s.add_argument("--sweeps", action="store_true", help="add ActAdd and partial-ablation sweeps with matched controls")
+    s.add_argument("--n-controls", type=int, default=10, help="matched random controls per row (default 10)")
+    s.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per judged answer (default 48)")
     s.set_defaults(func=_cmd_analyze)
 
     s = sub.add_parser("demo", help="the full protocol on the unaligned base and the aligned anchor, side by side in one report")

@@ -207,3 +207,10 @@ def test_verdict_flags_interventions_that_break_the_model(rep):
     assert "ablate H (KL" not in words
     intact, _ = reopen_verdict(rep)
     assert ("Caution" in intact) == any(r["kl"] > BROKEN_KL for r in rep.summary_rows)
+
+
+def test_cli_attacks_need_interventions(tmp_path, capsys):
+    from pysafegeom.cli import main
+
+    assert main(["analyze", "--out", str(tmp_path / "o"), "--attacks", str(tmp_path / "a.txt")]) == 2
+    assert "add --interventions" in capsys.readouterr().err
