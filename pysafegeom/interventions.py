@@ -135,10 +135,7 @@ class _Edit:
         self.av32 = self.av64.to(torch.float32).contiguous() if av64 is not None else None
         if self.Q32 is None:  # addition only: the backend op needs some basis; beta = 0 ignores it
             self.Q32 = (self.av32 / self.av32.norm())[:, None].contiguous()
-        self.Q32T = self.Q32.T.contiguous()
         self.d = self.Q32.shape[0]
-        # ATen's grain size: below it, plain ops run single-threaded (a forced backend is always used)
-        self.small = 32768 if device.type == "cpu" and ops._backends.forced() is None else 0
         self.mod = None
         if dtype in ops.FLOAT_DTYPES:
             _, self.mod = ops.select_backend("project_ablate", device, dtype)
@@ -163,17 +160,6 @@ class _Edit:
                 return x
             return x.add_(self.av32) if inplace else x + self.av32
         x2 = x.view(-1, self.d)
-        if x.numel() <= self.small and x.dtype == torch.float32:
-            # decode-step sized input on CPU: two BLAS calls that ATen runs on one thread; the fused kernel
-            # would open a parallel region, which costs more than the work when cores are busy
-            proj = torch.mm(x2, self.Q32)
-            if inplace:
-                x2.addmm_(proj, self.Q32T, alpha=-self.beta)
-            else:
-                x2 = torch.addmm(x2, proj, self.Q32T, alpha=-self.beta)
-            if self.av32 is not None:
-                x2.add_(self.av32)
-            return x if inplace else x2.view(x.shape)
         if self.mod is None:
             from .ops import reference
 
