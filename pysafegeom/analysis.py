@@ -155,7 +155,7 @@ def _eval_prompts(spec, role: str, cap: int | None):
     """Behavioural evaluation prompts: the test split when the set has splits, else all of it; at most ``cap``."""
     from .data import load_prompts
 
-    prompts = load_prompts(spec, role=role) if spec is not None or role != "attack" else []
+    prompts = load_prompts(spec, role=role)
     if not prompts:
         raise ValueError(f"the {role} prompt set is empty")
     if any(getattr(p, "split", None) == "test" for p in prompts):
@@ -371,11 +371,10 @@ def analyze(
         from .protocol.reopen import reopen_attacks
 
         t0 = time.perf_counter()
-        r_pos = sel.position if sel.layer is not None else ref_pos
         bn = _eval_prompts(benign, "benign", cfg.n_behaviour)
         refs = [p.reference for p in bn]
         rep = reopen_attacks(
-            model, tokenizer, car.H[li].float(), car.r_at(ref_layer, r_pos).float(), ref_layer, position=r_pos,
+            model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), ref_layer, position=ref_pos,
             harmful=hf["test"][: cfg.n_behaviour] if cfg.n_behaviour else hf["test"], harmless=hl["val"][: cfg.n_val],
             xstest_safe=[p.text for p in _eval_prompts(xstest, "xstest_safe", cfg.n_behaviour)],
             xstest_unsafe=[p.text for p in _eval_prompts(xstest_unsafe, "xstest_unsafe", cfg.n_behaviour)],
@@ -385,7 +384,7 @@ def analyze(
             max_new_tokens=cfg.max_new_tokens, template=cfg.template, system=cfg.system, batch_size=cfg.batch_size or 32,
             progress=progress)
         if sel.layer is None:
-            rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {r_pos}), not a selected one")
+            rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {ref_pos}), not a selected one")
         reopen = _nan_to_none(rep.to_dict())
         meta["timings_s"]["reopen"] = round(time.perf_counter() - t0, 2)
         meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
@@ -394,8 +393,7 @@ def analyze(
         from .sweeps import sweep
 
         t0 = time.perf_counter()
-        r_pos = sel.position if sel.layer is not None else ref_pos
-        sweeps = {kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, r_pos).float(), hf["val"][: cfg.n_val],
+        sweeps = {kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), hf["val"][: cfg.n_val],
                               hl["val"][: cfg.n_val], layer=ref_layer, refusal_tokens=rtoks, kind=kind,
                               n_controls=max(1, cfg.n_controls), orthogonal_controls=cfg.orthogonal_controls,
                               batch_size=cfg.batch_size or 32, template=cfg.template, system=cfg.system,

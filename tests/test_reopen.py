@@ -132,7 +132,7 @@ def test_bad_carriers(model, tok, carriers):
     H, R = carriers
     with pytest.raises(ValueError, match="residual width"):
         reopen_attacks(model, tok, H[:-1], R, 1, harmful=HARMFUL, harmless=HARMLESS, xstest_safe=XS, benign=BENIGN)
-    with pytest.raises(ValueError, match="zero, NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         reopen_attacks(model, tok, H * float("nan"), R, 1, harmful=HARMFUL, harmless=HARMLESS, xstest_safe=XS, benign=BENIGN)
     with pytest.raises(ValueError, match="out of range"):
         reopen_attacks(model, tok, H, R, 3, harmful=HARMFUL, harmless=HARMLESS, xstest_safe=XS, benign=BENIGN)

@@ -23,7 +23,7 @@ percentile among them (ties count half).
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -31,14 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..behaviour.diagnostics import (
-    Rate,
     benign_utility,
     exaggerated_safety,
     harmful_usefulness,
     reference_cross_entropy,
     robust_refusal,
 )
-from ..behaviour.judges import Judge, SubstringJudge, Verdict, XSTestJudge
+from ..behaviour.judges import Judge, ModelJudge, SubstringJudge, XSTestJudge
 from .selection import _batches, _kl, _last_logits
 
 # above this mean KL (nats) on harmless prompts an intervention has broken the model: its answers are incoherent,
@@ -89,8 +88,7 @@ class Reopen:
         raise KeyError(f"no condition {name!r}; conditions are {[c.name for c in self.conditions]}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Reopen":
@@ -100,14 +98,6 @@ class Reopen:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    v = v.to(torch.float64)
-    n = v.norm()
-    if not torch.isfinite(n) or n == 0:
-        raise ValueError("carrier is zero, NaN or infinite")
-    return v / n
-
 
 def random_frames(d: int, k: int, n: int, *, avoid: torch.Tensor | None = None, seed: int = 0) -> list[torch.Tensor]:
     """``n`` random orthonormal ``[d, k]`` frames (the sweeps' :func:`control_directions`), orthogonal to ``avoid``'s columns."""
@@ -186,20 +176,15 @@ def reopen_attacks(
     ``[SubstringJudge()]``: success = not refused; a :class:`ModelJudge` gives the HarmBench-classifier
     ASR). ``xstest_unsafe`` are judged at baseline only, as the over-refusal check.
     """
-    from ..interventions import ablate, add
+    from ..interventions import _check_layer, ablate, add
     from ..models import ModelAdapter
+    from ..sweeps import _carrier
     from ..train.generate import greedy_generate
 
     ad = ModelAdapter(model)
     d = ad.d_model
-    for name, v in (("H", H), ("R", R)):
-        if not isinstance(v, torch.Tensor) or v.shape != (d,):
-            raise ValueError(f"carrier {name} must have shape ({d},) (the model's residual width), got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-        if not torch.isfinite(v).all() or v.norm() == 0:
-            raise ValueError(f"carrier {name} is zero, NaN or infinite")
-    if not 0 <= int(layer) < ad.n_layers:
-        raise ValueError(f"layer {layer} out of range [0, {ad.n_layers})")
+    H, R = _carrier(H, d, "H"), _carrier(R, d, "R")  # float64 on the CPU, checked: width, finite, non-zero
+    layer = _check_layer(layer, ad.n_layers)
     for what, xs in (("harmful", harmful), ("harmless", harmless), ("xstest_safe", xstest_safe), ("benign", benign)):
         if not xs:
             raise ValueError(f"the {what} prompt list for the reopen table is empty")
@@ -225,7 +210,7 @@ def reopen_attacks(
         jnames = [f"{n}#{i}" for i, n in enumerate(jnames)]
     xs_judge, ben_judge = XSTestJudge(), SubstringJudge()
 
-    h_u, r_u = _unit(H), _unit(R)
+    h_u, r_u = H / H.norm(), R / R.norm()
     span = torch.stack([h_u, r_u], 1)
     joint, _ = torch.linalg.qr(span)
     avoid = span if orthogonal_controls else None
@@ -253,7 +238,7 @@ def reopen_attacks(
             for tag, v in (("R", R), ("H", H)):
                 for i, q in enumerate(random_frames(d, 1, n_controls, avoid=avoid, seed=seed + (2 if tag == "R" else 3))):
                     conds.append((f"ActAdd -{tag} control {i}", "actadd", "control", f"ActAdd -{tag}",
-                                  lambda q=q, v=v: add(model, f32(q[:, 0] * v.to(torch.float64).norm()), layer, alpha=-1.0)))
+                                  lambda q=q, v=v: add(model, f32(q[:, 0] * v.norm()), layer, alpha=-1.0)))
 
     harmless_batches = _batches(tokenizer, harmless, template, system, batch_size, dev)  # tokenised once
     all_prompts = harmful + attacks + xstest_safe + benign
@@ -268,15 +253,17 @@ def reopen_attacks(
     try:
         for name, kind, carrier, control_of, ctx in bar:
             bar.set_postfix_str(name)
+            # the unsafe contrasts are a baseline-only check: they ride along in the baseline's generation call
+            extra = list(xstest_unsafe or []) if kind == "baseline" else []
             with torch.no_grad(), ctx():
-                answers = greedy_generate(model, tokenizer, all_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                          template=template, system=system, progress=False)
+                answers = greedy_generate(model, tokenizer, all_prompts + extra, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, template=template, system=system, progress=False)
                 logits = _last_logits(model, harmless_batches)
                 ce = (reference_cross_entropy(model, tokenizer, benign, list(benign_references), template=template,
                                               system=system, batch_size=batch_size)
                       if benign_references is not None else None)
             a_h, a_att = answers[:cut[0]], answers[cut[0]:cut[1]]
-            a_xs, a_ben = answers[cut[1]:cut[2]], answers[cut[2]:]
+            a_xs, a_ben, a_un = answers[cut[1]:cut[2]], answers[cut[2]:len(all_prompts)], answers[len(all_prompts):]
             asr, asr_att, success = {}, None, None
             primary_verdicts = None
             for jn, j in zip(jnames, judges):
@@ -296,12 +283,8 @@ def reopen_attacks(
                 base_logits = logits
                 kl = 0.0
                 # the four diagnostics, from the baseline answers
-                unsafe_v = None
-                if xstest_unsafe:
-                    a_un = greedy_generate(model, tokenizer, list(xstest_unsafe), max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size, template=template, system=system, progress=False)
-                    unsafe_v = xs_judge.judge(list(xstest_unsafe), a_un)
-                model_judge = next((j for j in judges if type(j).__name__ == "ModelJudge"), None)
+                unsafe_v = xs_judge.judge(list(xstest_unsafe), a_un) if xstest_unsafe else None
+                model_judge = next((j for j in judges if isinstance(j, ModelJudge)), None)
                 diagnostics = {
                     "robust_refusal": asr[jnames[0]],
                     "robust_refusal_attacks": asr_att[jnames[0]] if asr_att else None,
