@@ -315,15 +315,28 @@ def sweep(
         n_ctrl = n_controls if controls else 0
         runs = [(c, v, i) for c in carriers for v in vals for i in [None] + list(range(n_ctrl))]
         effects: dict[tuple, dict[str, float]] = {}
-        bar = tqdm(total=sum(1 for c, v, i in runs if v != 0.0), desc=f"sweep {kind}", unit="cond", disable=not progress)
+
+        def shared(c: str, v: float, i: int | None):
+            # ablation is scale-free, so H's and R's controls (the same directions, value and positions) are one
+            # computation; additions differ by the carrier's magnitude and are not shared
+            if i is None or kind != "ablate":
+                return (c, v, i)
+            return ("2-D" if c == "joint" else "1-D", positions[c], v, i)
+
+        todo = {shared(c, v, i) for c, v, i in runs if v != 0.0}
+        bar = tqdm(total=len(todo), desc=f"sweep {kind}", unit="cond", disable=not progress)
+        done: dict[tuple, dict[str, float]] = {}
         try:
             for c, v, i in runs:
                 if v == 0.0:
                     effects[c, v, i] = zero
                     continue
-                Q, u = directions(c, i)
-                effects[c, v, i] = measure(context(c, Q, u, v))
-                bar.update(1)
+                key = shared(c, v, i)
+                if key not in done:
+                    Q, u = directions(c, i)
+                    done[key] = measure(context(c, Q, u, v))
+                    bar.update(1)
+                effects[c, v, i] = done[key]
         finally:
             bar.close()
 

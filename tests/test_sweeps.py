@@ -173,3 +173,20 @@ def test_bad_sweep_input(model, tok, planted):
         with pytest.raises(ValueError, match=msg):
             sweep(model, tok, **kw)
     assert len(ADD_ALPHAS) == 11 and math.isclose(sum(ADD_ALPHAS), 0.0)
+
+
+def test_ablation_controls_are_computed_once_for_h_and_r(model, tok, planted, monkeypatch):
+    import pysafegeom.protocol.selection as selection
+
+    calls = []
+    real = selection._last_logits
+    monkeypatch.setattr(selection, "_last_logits", lambda m, b: calls.append(1) or real(m, b))
+    res = _run(model, tok, planted, kind="ablate", values=[0.5, 1.0], carriers=("H", "R"), n_controls=3)
+    # 1 baseline + 2 betas x (H + R) + 2 betas x 3 controls shared by H and R
+    assert len(calls) == 1 + 4 + 6
+    for beta in (0.5, 1.0):
+        assert res.row("H", beta, "kl_harmless").controls == res.row("R", beta, "kl_harmless").controls
+    # additions are scaled by each carrier's own norm, so their controls are not shared
+    calls.clear()
+    _run(model, tok, planted, kind="add", values=[1.0], carriers=("H", "R"), n_controls=3)
+    assert len(calls) == 1 + 2 + 6
