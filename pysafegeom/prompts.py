@@ -93,6 +93,11 @@ class PromptBatch:
         return torch.cat([self.t_inst[:, None], self.post_inst], dim=1)
 
     @property
+    def position_ids(self) -> torch.Tensor:
+        """``[B, T]`` token positions from the attention mask (pads at 0): what absolute-position models need."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+    @property
     def position_names(self) -> list[str]:
         """``t_inst`` then the post-instruction offsets ``eoi-{n}..eoi-1`` (``eoi-1`` is ``t_post_inst``)."""
         n = self.n_post
@@ -160,6 +165,25 @@ def split_template(tokenizer, template: str | None = None, system: str | None = 
     if not suffix_ids:
         raise TemplateError("the template's post-instruction text tokenises to nothing")
     return TemplateSplit(prefix, suffix, tuple(suffix_ids), tpl)
+
+
+def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
+    """The tokens the template puts after an assistant message (trailing whitespace dropped), e.g.
+    ``<|im_end|>``; the EOS token when the template writes nothing there."""
+    tpl = resolve_template(tokenizer, template)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=tpl, tokenize=False)
+    except Exception as exc:
+        raise TemplateError(f"the chat template cannot render an assistant turn: {exc}") from exc
+    tail = text.split(SENTINEL, 1)[1].rstrip() if SENTINEL in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if not ids:
+        if tokenizer.eos_token_id is None:
+            raise TemplateError("the template ends assistant turns with nothing and the tokenizer has no EOS token")
+        ids = [int(tokenizer.eos_token_id)]
+    return ids
+
 
 
 _PROBE = "  \n PSG probe: Ünïcödé {x} \t\n "
@@ -260,3 +284,14 @@ def format_prompts(
     """
     enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=max_length)
     return pad_prompts(tokenizer, enc, device=device)
+
+
+def encode_batches(tokenizer, prompts: "list[str] | EncodedPrompts", template: str | None = None, system: str | None = None,
+                   batch_size: int = 32, device=None) -> list[PromptBatch]:
+    """Tokenise ``prompts`` once and cut them, in order, into left-padded batches of ``batch_size``."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    # already-encoded prompts (an EncodedPrompts) are cut as they are; template/system are then ignored
+    enc = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(tokenizer, prompts, template=template, system=system)
+    return [pad_prompts(tokenizer, enc, range(i, min(i + batch_size, len(enc.rows))), device=device)
+            for i in range(0, len(enc.rows), batch_size)]
