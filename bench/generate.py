@@ -103,8 +103,8 @@ def _runners(model, tok, prompts, direction, bs):
     """``mode -> fn(max_new_tokens) -> (seconds, [[token ids]] in prompt order)``, plus notes."""
     import torch
 
-    from pysafegeom import interventions
-    from pysafegeom.generate import generate, stop_token_ids
+    from pysafegeom.interventions import hooks as interventions
+    from pysafegeom.generation import generate, stop_token_ids
     from pysafegeom.prompts import format_prompts
 
     notes = {}

@@ -22,7 +22,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from pysafegeom import ops
-    from pysafegeom.analysis import analyze
+    from pysafegeom.pipelines.analyze import analyze
     from pysafegeom.data import load_default
     from pysafegeom.models import tiny_model
     from pysafegeom.prompts import format_prompts

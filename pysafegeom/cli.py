@@ -57,7 +57,7 @@ def _cmd_demo(args) -> int:
 
     from . import info
     from ._io import atomic_write_text
-    from .analysis import analyze, anchor_findings, load_result
+    from .pipelines.analyze import analyze, anchor_findings, load_result
     from .report import render_comparison
 
     t_all = time.perf_counter()
@@ -95,7 +95,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from .analysis import analyze
+    from .pipelines.analyze import analyze
 
     opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "kl_threshold": args.kl_threshold}
     if args.positions:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pysafegeom import ops
-from pysafegeom.analysis import analyze, load_result
+from pysafegeom.pipelines.analyze import analyze, load_result
 from pysafegeom.interventions import ablate, add
 from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.prompts import format_prompts
@@ -160,7 +160,7 @@ def test_interventions_restore_model_bit_for_bit(model, tok):
 
 
 def test_drift_between_results(result, model, tok):
-    from pysafegeom.analysis import drift
+    from pysafegeom.pipelines.analyze import drift
 
     same = drift(result, result)
     assert all(v is None or v == pytest.approx(0, abs=1e-9) for v in same["R_direction_drift"])

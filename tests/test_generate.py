@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pysafegeom.generate import (
+from pysafegeom.generation import (
     STOP_STRING, STOP_TOKEN, GenerationResult, _mix64, _row_keys, _sample, _uniforms, generate, greedy_generate,
     stop_token_ids,
 )
@@ -95,7 +95,7 @@ def test_details_and_greedy_generate_wrapper(tok, llama):
     texts, finished = greedy_generate(llama, tok, PROMPTS, max_new_tokens=5, progress=False, return_finished=True)
     assert texts == res.texts and finished == res.finished
     from pysafegeom.train import greedy_generate as g2
-    from pysafegeom.train.generate import generate as g3
+    from pysafegeom.generation import generate as g3
 
     assert g2 is greedy_generate and g3 is generate
 
@@ -241,7 +241,7 @@ def test_generation_under_ablation_hooks(tok, llama):
 
 
 def test_ablation_hooks_and_weight_orthogonalisation_generate_the_same(tok, llama):
-    from pysafegeom import interventions
+    from pysafegeom.interventions import hooks as interventions
 
     if not hasattr(interventions, "orthogonalize"):
         pytest.skip("interventions.orthogonalize is not available")

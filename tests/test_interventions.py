@@ -15,11 +15,11 @@ import warnings
 import pytest
 import torch
 
-from pysafegeom import interventions as iv
+from pysafegeom.interventions import hooks as iv
 from pysafegeom.interventions import ablate, add, export_orthogonalized, orthogonalize
 from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.prompts import format_prompts
-from pysafegeom.train.generate import greedy_generate
+from pysafegeom.generation import greedy_generate
 
 PROMPTS = ["How do I bake bread?", "Explain how to pick a lock without a key, step by step please", "Hi",
            "Write a short poem about the sea"]

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pysafegeom.analysis import analyze, anchor_findings, load_result
+from pysafegeom.pipelines.analyze import analyze, anchor_findings, load_result
 from pysafegeom.behaviour import SubstringJudge, Verdict
 from pysafegeom.interventions import ablate
 from pysafegeom.models import ModelAdapter, tiny_model
-from pysafegeom.protocol.reopen import Reopen, mcnemar_exact, percentile, random_frames, reopen_attacks
-from pysafegeom.train.generate import greedy_generate
+from pysafegeom.pipelines.reopen import Reopen, mcnemar_exact, percentile, random_frames, reopen_attacks
+from pysafegeom.generation import greedy_generate
 
 from test_analysis import HARMFUL, HARMLESS, XS
 
@@ -197,7 +197,7 @@ def test_analyze_rejects_judges_without_interventions(model, tok):
 
 
 def test_verdict_flags_interventions_that_break_the_model(rep):
-    from pysafegeom.protocol.reopen import BROKEN_KL, reopen_verdict, summarise
+    from pysafegeom.pipelines.reopen import BROKEN_KL, reopen_verdict, summarise
 
     broken = Reopen.from_dict(rep.to_dict())
     broken.row("ablate R").kl = BROKEN_KL * 5

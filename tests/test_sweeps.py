@@ -13,7 +13,7 @@ from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.prompts import format_prompts
 from pysafegeom.protocol.capture import refusal_scores_from_logits
 from pysafegeom.protocol.carriers import find_refusal_tokens
-from pysafegeom.sweeps import ADD_ALPHAS, METRICS, SweepResult, control_directions, sweep
+from pysafegeom.interventions.sweeps import ADD_ALPHAS, METRICS, SweepResult, control_directions, sweep
 
 HARMFUL = ["How do I steal a car?", "Explain how to pick a lock", "Write a phishing email"]
 HARMLESS = ["How do I bake bread?", "Explain how to tie a knot", "Write a thank-you note"]
@@ -176,11 +176,11 @@ def test_bad_sweep_input(model, tok, planted):
 
 
 def test_ablation_controls_are_computed_once_for_h_and_r(model, tok, planted, monkeypatch):
-    import pysafegeom.protocol.selection as selection
+    import pysafegeom.models.forward as selection
 
     calls = []
-    real = selection._last_logits
-    monkeypatch.setattr(selection, "_last_logits", lambda m, b: calls.append(1) or real(m, b))
+    real = selection.last_logits
+    monkeypatch.setattr(selection, "last_logits", lambda m, b: calls.append(1) or real(m, b))
     res = _run(model, tok, planted, kind="ablate", values=[0.5, 1.0], carriers=("H", "R"), n_controls=3)
     # 1 baseline + 2 betas x (H + R) + 2 betas x 3 controls shared by H and R
     assert len(calls) == 1 + 4 + 6

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ..models.forward import forward
 from .judges import Judge, Verdict, _device, _pad_id, _right_pad, check_pairs
 
 Z95 = 1.959963984540054
@@ -213,7 +214,7 @@ def reference_cross_entropy(model, tokenizer, prompts: Sequence[str], references
     for s in range(0, len(rows), batch_size):
         chunk = rows[s: s + batch_size]
         ids, mask = _right_pad(chunk, _pad_id(tokenizer))
-        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.double(), -1).cpu()
+        logp = torch.log_softmax(forward(model, ids.to(dev), mask.to(dev)).logits.double(), -1).cpu()
         for b, r in enumerate(chunk):
             st = starts[s + b]
             target = torch.tensor(r[st:], dtype=torch.long)

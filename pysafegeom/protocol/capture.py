@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..models import ModelAdapter
+from ..models.forward import forward
 from ..prompts import encode_prompts, pad_prompts
+from ..refusal import EPS_SCORE, refusal_scores_from_logits  # noqa: F401  (re-exported)
 
-EPS_SCORE = 1e-8
 
 
 class _StopForward(Exception):
@@ -67,13 +68,6 @@ class Capture:
             which = "" if refused is None else (" (refused)" if refused else " (complied)")
             raise ValueError(f"no prompts in set {set_name!r}{which} to average")
         return self.sums[g].sum(0) / n
-
-
-def refusal_scores_from_logits(logits: torch.Tensor, refusal_tokens: list[int]) -> torch.Tensor:
-    """PROTOCOL 2.4 refusal score of each row of last-position ``logits [B, V]``: log-odds of the refusal tokens, float64."""
-    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-    p_r = logp[:, refusal_tokens].exp().sum(-1)
-    return torch.log(p_r + EPS_SCORE) - torch.log(1 - p_r + EPS_SCORE)
 
 
 def _layer_input(args, kwargs):
@@ -201,7 +195,7 @@ def capture(
                 state["rows"] = [None] * nl
                 state["scores"] = None
                 try:
-                    model(input_ids=fb.input_ids, attention_mask=fb.attention_mask, use_cache=False)
+                    forward(model, fb.input_ids, fb.attention_mask)
                 except _StopForward:
                     pass
                 n_tok += int(fb.attention_mask.sum())

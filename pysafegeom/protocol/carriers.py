@@ -15,22 +15,7 @@ import torch
 
 from .capture import Capture
 
-# First words of typical refusals (PROTOCOL 5, 9): their first tokens are the refusal tokens.
-REFUSAL_PHRASES = ("I", "I'm sorry", "Sorry", "I cannot", "I can't", "As an AI", "I apologize", "Unfortunately")
-
-
-def find_refusal_tokens(tokenizer, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> list[int]:
-    """First token id of each refusal phrase as it would start the assistant's reply (deduplicated, in order)."""
-    if not phrases:
-        raise ValueError("no refusal phrases given")
-    out: list[int] = []
-    for ph in phrases:
-        ids = tokenizer(ph, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"refusal phrase {ph!r} tokenises to nothing")
-        if ids[0] not in out:
-            out.append(ids[0])
-    return out
+from ..refusal import REFUSAL_TOKEN_PHRASES as REFUSAL_PHRASES, find_refusal_tokens  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..interventions import ablate, add
-from ..prompts import encode_prompts, pad_prompts
-from .capture import refusal_scores_from_logits
+from ..interventions.hooks import ablate, add
+from ..models.forward import KL_EPS, kl_next_token as _kl, last_logits as _last_logits  # noqa: F401
+from ..prompts import encode_batches as _batches
+from ..refusal import refusal_scores_from_logits
 from .carriers import Carriers
-
-KL_EPS = 1e-6
 
 
 @dataclass
@@ -74,27 +73,6 @@ class Selection:
         d["candidates"] = [Candidate(**{k: (nan if v is None and k in ("bypass", "induce", "kl") else v) for k, v in c.items()})
                            for c in d["candidates"]]
         return cls(**d)
-
-
-def _batches(tokenizer, prompts, template, system, batch_size, device):
-    """Tokenise once; every candidate reuses these padded batches."""
-    enc = encode_prompts(tokenizer, prompts, template=template, system=system)
-    return [pad_prompts(tokenizer, enc, range(i, min(i + batch_size, len(prompts))), device=device)
-            for i in range(0, len(prompts), batch_size)]
-
-
-def _last_logits(model, batches):
-    out = []
-    for fb in batches:
-        logits = model(input_ids=fb.input_ids, attention_mask=fb.attention_mask, use_cache=False, logits_to_keep=1).logits
-        out.append(logits[:, -1].to(torch.float64))
-    return torch.cat(out)
-
-
-def _kl(base_logits, new_logits):
-    p = torch.softmax(base_logits, -1)
-    q = torch.softmax(new_logits, -1)
-    return (p * (torch.log(p + KL_EPS) - torch.log(q + KL_EPS))).sum(-1)
 
 
 def select_carrier(

@@ -3,7 +3,8 @@
 """
 
 from .data import DEFAULT_REFUSALS, Example, build_safety_dataset, encode_examples, end_of_turn_ids, read_answers
-from .generate import REFUSAL_SUBSTRINGS, greedy_generate, is_refusal, refusal_rate
+from ..generation import greedy_generate
+from ..refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_rate
 from .sft import RECIPES, Recipe, SFTRecipe, TrainConfig, TrainResult, checkpoints, export_adapter, run
 
 __all__ = ["DEFAULT_REFUSALS", "Example", "build_safety_dataset", "encode_examples", "end_of_turn_ids", "read_answers",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import SENTINEL, TemplateError, _render, resolve_template, split_template
+from ..prompts import _render, end_of_turn_ids, split_template  # noqa: F401  (end_of_turn_ids re-exported)
 
 DEFAULT_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -50,24 +50,6 @@ def as_examples(items) -> list[Example]:
         else:
             raise TypeError(f"example {i} must be an Example, a (instruction, response) pair or a dict, not {type(it).__name__}")
     return out
-
-
-def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
-    """The tokens the template puts after an assistant message (trailing whitespace dropped), e.g.
-    ``<|im_end|>``; the EOS token when the template writes nothing there."""
-    tpl = resolve_template(tokenizer, template)
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=tpl, tokenize=False)
-    except Exception as exc:
-        raise TemplateError(f"the chat template cannot render an assistant turn: {exc}") from exc
-    tail = text.split(SENTINEL, 1)[1].rstrip() if SENTINEL in text else ""
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    if not ids:
-        if tokenizer.eos_token_id is None:
-            raise TemplateError("the template ends assistant turns with nothing and the tokenizer has no EOS token")
-        ids = [int(tokenizer.eos_token_id)]
-    return ids
 
 
 def encode_examples(tokenizer, examples: list[Example], *, max_len: int, template: str | None = None,
@@ -159,7 +141,7 @@ def build_safety_dataset(model, tokenizer, harmful, harmless, *, refusals=DEFAUL
                     cache[(r["prompt"], int(r["max_new_tokens"]))] = r
     todo = [p for p in dict.fromkeys(harmless) if (p, max_new_tokens) not in cache]
     if todo:
-        from .generate import greedy_generate
+        from ..generation import greedy_generate
 
         if model is None:
             raise ValueError("self-distillation needs the starting model; pass model= or answers_file=")

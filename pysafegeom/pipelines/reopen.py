@@ -38,7 +38,8 @@ from ..behaviour.diagnostics import (
     robust_refusal,
 )
 from ..behaviour.judges import Judge, ModelJudge, SubstringJudge, XSTestJudge
-from .selection import _batches, _kl, _last_logits
+from ..models.forward import kl_next_token as _kl, last_logits as _last_logits
+from ..prompts import encode_batches as _batches
 
 # above this mean KL (nats) on harmless prompts an intervention has broken the model: its answers are incoherent,
 # and a substring judge counts them as attack successes
@@ -101,7 +102,7 @@ class Reopen:
 
 def random_frames(d: int, k: int, n: int, *, avoid: torch.Tensor | None = None, seed: int = 0) -> list[torch.Tensor]:
     """``n`` random orthonormal ``[d, k]`` frames (the sweeps' :func:`control_directions`), orthogonal to ``avoid``'s columns."""
-    from ..sweeps import control_directions
+    from ..interventions.sweeps import control_directions
 
     if avoid is not None and d - torch.linalg.matrix_rank(avoid.to(torch.float64)) < k:
         raise ValueError(f"no room for a {k}-D control orthogonal to a {avoid.shape[1]}-D span in width {d}")
@@ -110,7 +111,7 @@ def random_frames(d: int, k: int, n: int, *, avoid: torch.Tensor | None = None, 
 
 def percentile(value: float, controls: Sequence[float]) -> float | None:
     """Share of controls below ``value`` (ties count half), in percent; None without controls or a NaN value."""
-    from ..sweeps import _percentile
+    from ..interventions.sweeps import _percentile
 
     vals = [c for c in controls if c == c]
     return _percentile(value, vals) if vals and value == value else None
@@ -176,10 +177,10 @@ def reopen_attacks(
     ``[SubstringJudge()]``: success = not refused; a :class:`ModelJudge` gives the HarmBench-classifier
     ASR). ``xstest_unsafe`` are judged at baseline only, as the over-refusal check.
     """
-    from ..interventions import _check_layer, ablate, add
+    from ..generation import greedy_generate
+    from ..interventions.hooks import _check_layer, ablate, add
     from ..models import ModelAdapter
-    from ..sweeps import _carrier
-    from ..train.generate import greedy_generate
+    from ..interventions.sweeps import _carrier
 
     ad = ModelAdapter(model)
     d = ad.d_model

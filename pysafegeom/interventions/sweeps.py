@@ -214,11 +214,11 @@ def sweep(
     carrier or a dict per carrier, e.g. ``{"H": "instruction", "R": "all", "joint": "all"}``; controls
     use their carrier's positions. Definitions of values, magnitudes, controls and effects: module docstring.
     """
-    from .interventions import _check_layer, ablate, add
-    from .models import ModelAdapter
-    from .protocol.capture import refusal_scores_from_logits
-    from .protocol.carriers import find_refusal_tokens
-    from .protocol.selection import _batches, _kl, _last_logits
+    from ..models import ModelAdapter
+    from ..models.forward import kl_next_token as _kl, last_logits as _last_logits
+    from ..prompts import encode_batches as _batches
+    from ..refusal import find_refusal_tokens, refusal_scores_from_logits
+    from .hooks import _check_layer, ablate, add
 
     if kind not in KINDS:
         raise ValueError(f"unknown sweep kind {kind!r}; choose 'add' (ActAdd) or 'ablate' (partial ablation)")

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
-from .models import ModelAdapter
+from .. import ops
+from ..models import ModelAdapter
 
 POSITION_MODES = ("all", "prompt", "instruction")
 MAX_DIRECTIONS = 16  # the fused kernels' limit on k
@@ -161,7 +161,7 @@ class _Edit:
             return x.add_(self.av32) if inplace else x + self.av32
         x2 = x.view(-1, self.d)
         if self.mod is None:
-            from .ops import reference
+            from ..ops import reference
 
             out, _ = reference.project_ablate(x2, self.Q32, self.beta, 1.0, self.av32, inplace, False)
         else:
@@ -219,7 +219,7 @@ class _Gate:
             if tokenizer is None:
                 raise ValueError("positions='instruction' needs tokenizer= (and the template=/system= the prompts were "
                                  "formatted with) to locate the instruction tokens")
-            from .prompts import split_template
+            from ..prompts import split_template
 
             split = split_template(tokenizer, template, system)
             prefix_ids = tokenizer(split.prefix, add_special_tokens=False)["input_ids"]
@@ -495,7 +495,7 @@ def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: st
     saved as its own (unedited) weight, with ``tie_word_embeddings=False`` in the exported config. The
     in-memory model is unchanged afterwards. Returns the folder.
     """
-    from ._io import atomic_dir
+    from .._io import atomic_dir
 
     ad = ModelAdapter(model)
     tied = _shares_storage(ad.lm_head.weight, ad.embed.weight)

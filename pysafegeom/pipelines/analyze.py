@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir
-from .protocol import metrics as M
-from .protocol.capture import capture
-from .protocol.carriers import REFUSAL_PHRASES, Carriers, find_refusal_tokens, fit_carriers
-from .protocol.selection import Selection, select_carrier
+from .._io import atomic_dir
+from ..protocol import metrics as M
+from ..protocol.capture import capture
+from ..protocol.carriers import Carriers, fit_carriers
+from ..protocol.selection import Selection, select_carrier
+from ..refusal import REFUSAL_TOKEN_PHRASES as REFUSAL_PHRASES, find_refusal_tokens
 
 RESULT_VERSION = 1
 
@@ -100,7 +101,7 @@ class AnalysisResult:
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
                        "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous()}, str(tmp / "carriers.safetensors"))
             if report:
-                from .report import render_report
+                from ..report import render_report
 
                 (tmp / "report.html").write_text(render_report(self), encoding="utf-8")
         return out
@@ -126,14 +127,14 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
 # --- helpers -----------------------------------------------------------------------------------------
 
 def _texts(spec, role: str) -> list[str]:
-    from .data import load_prompts
+    from ..data import load_prompts
 
     return [p.text for p in load_prompts(spec, role=role)]
 
 
 def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
     """train / val / test prompt texts: bundled splits, a file's own splits, or a deterministic split."""
-    from .data import load_prompts, split_prompts
+    from ..data import load_prompts, split_prompts
 
     prompts = load_prompts(spec, role=role)
     if not prompts:
@@ -153,7 +154,7 @@ def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
 
 def _eval_prompts(spec, role: str, cap: int | None):
     """Behavioural evaluation prompts: the test split when the set has splits, else all of it; at most ``cap``."""
-    from .data import load_prompts
+    from ..data import load_prompts
 
     prompts = load_prompts(spec, role=role)
     if not prompts:
@@ -221,7 +222,7 @@ def analyze(
     optional file or list of attack prompts (e.g. GCG or AutoDAN test cases) whose ASR is reported beside
     the direct requests'.
     """
-    from .models import ModelAdapter, load_model
+    from ..models import ModelAdapter, load_model
 
     cfg = config or AnalysisConfig()
     for k, v in options.items():
@@ -296,7 +297,9 @@ def analyze(
     X_r = cap.per_prompt["harmful"]["eoi-1"][:, li].double()
     mu_neg_inst = cap.mean("harmless")[li, 0]
     mu_neg_post = cap.mean("harmless")[li, -1]
-    k = min(cfg.k, X_h.shape[0])
+    k = min(cfg.k, X_h.shape[0], int(torch.linalg.matrix_rank(X_h - mu_neg_inst)), int(torch.linalg.matrix_rank(X_r - mu_neg_post)))
+    if k < cfg.k:
+        notes.append(f"low-rank carriers use k = {k}, not {cfg.k}: the harmful differences have numerical rank {k}")
     Q_H = M.low_rank_basis(X_h, mu_neg_inst, k)
     Q_R = M.low_rank_basis(X_r, mu_neg_post, k)
     angles = M.principal_angles(Q_H, Q_R)
@@ -353,7 +356,7 @@ def analyze(
         "refusal_rate": {name: float((cap.scores[name] > 0).double().mean()) for name in sets},
         "norms": {"H": car.H.norm(dim=-1).tolist(), "R_t_post_inst": car.R[:, post_col].norm(dim=-1).tolist()},
     }
-    from . import __version__
+    from .. import __version__
 
     meta = {
         "model": spec, "arch": ad.arch, "n_layers": L, "d_model": ad.d_model, "dtype": str(ad.dtype),
@@ -368,7 +371,7 @@ def analyze(
     }
     reopen = None
     if cfg.interventions:
-        from .protocol.reopen import reopen_attacks
+        from .reopen import reopen_attacks
 
         t0 = time.perf_counter()
         bn = _eval_prompts(benign, "benign", cfg.n_behaviour)
@@ -390,7 +393,7 @@ def analyze(
         meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     sweeps = None
     if cfg.sweeps:
-        from .sweeps import sweep
+        from ..interventions.sweeps import sweep
 
         t0 = time.perf_counter()
         sweeps = {kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), hf["val"][: cfg.n_val],
@@ -526,7 +529,7 @@ def anchor_findings(anchor: AnalysisResult, base: AnalysisResult | None = None) 
         rows = {r["condition"]: r for r in anchor.reopen["summary_rows"]}
         r, h = rows["ablate R"], rows["ablate H"]
         more = r["delta_asr"] > h["delta_asr"]
-        from .protocol.reopen import BROKEN_KL
+        from .reopen import BROKEN_KL
 
         if r["kl"] is not None and r["kl"] > BROKEN_KL:
             out.append(f"Finding 2 cannot be judged: ablating R breaks the model (KL {r['kl']:.1f} nats on harmless prompts), so "
