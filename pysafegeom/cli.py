@@ -109,8 +109,9 @@ def _cmd_analyze(args) -> int:
     if args.attacks and not args.interventions:
         raise ValueError("--attacks is used by the reopen table: add --interventions")
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
-                  template=args.template, system=args.system, **extra, **opts)
-    out = res.save(args.out)
+                  template=args.template, system=args.system, out=args.out, resume=args.resume,
+                  overwrite=getattr(args, "overwrite", False), allow_overlap=args.allow_overlap, **extra, **opts)
+    out = args.out
     print("\n".join(res.metrics["summary"]))
     print(f"\nwrote {out}/result.json, carriers.safetensors and report.html "
           f"({res.meta['timings_s']['total']} s; open report.html in a browser)")
@@ -183,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled set)")
     s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled set)")
     s.add_argument("--xstest", default=None, help="safe-but-scary prompts file, e.g. XSTest CSV (default: the bundled set)")
-    s.add_argument("--out", required=True, help="output folder (written atomically; replaced if it exists)")
+    s.add_argument("--out", required=True, help="output folder (written atomically; an existing folder is replaced only "
+                   "if pysafegeom wrote it, else pass --overwrite)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted analysis of the same model, options and "
+                   "prompts at the stage it reached (stage artifacts are kept beside --out until the result is saved)")
+    s.add_argument("--allow-overlap", action="store_true", help="run even when the model was trained on some of the "
+                   "prompts (recorded in the result; figures on those prompts are then not held out)")
     s.add_argument("--template", default=None, help="chat template name or Jinja string (default: the tokenizer's)")
     s.add_argument("--system", default=None, help="optional system prompt")
     s.add_argument("--n-val", type=int, default=32, help="validation prompts per side for carrier selection (default 32)")

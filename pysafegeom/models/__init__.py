@@ -11,9 +11,10 @@ from .loading import (
     register_model,
     resolve,
 )
+from .provenance import attach_training_prompts, training_prompts
 from .tiny import tiny_model
 
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "ModelAdapter", "ModelNotFound", "ResidualWriter", "UnsupportedArchitecture",
-    "cache_dir", "cached_models", "load_model", "register_model", "resolve", "tiny_model",
+    "attach_training_prompts", "cache_dir", "cached_models", "load_model", "register_model", "resolve", "tiny_model", "training_prompts",
 ]

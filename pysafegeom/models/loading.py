@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .._io import atomic_dir
+from .provenance import attach_training_prompts, read_training_prompts, training_prompts
 
 
 class ModelNotFound(FileNotFoundError):
@@ -204,6 +205,9 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str
         dtype = torch.float32 if device.type == "cpu" else "auto"
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    record = read_training_prompts(folder)
+    if record is not None:
+        attach_training_prompts(model, record)
     return _finish(model, tok, device)
 
 
@@ -215,7 +219,11 @@ def _load_adapter(folder: Path, dtype, device):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     model, tok = load_model(base, dtype=dtype, device="cpu")
+    base_record = training_prompts(model)
     model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    own = read_training_prompts(folder)
+    if own is not None or base_record is not None:
+        attach_training_prompts(model, list(dict.fromkeys((base_record or []) + (own or []))))
     return _finish(model, tok, device)
 
 

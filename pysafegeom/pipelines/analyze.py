@@ -69,6 +69,10 @@ class AnalysisResult:
     separation: dict = field(default_factory=dict)
     reopen: dict | None = None  # Reopen.to_dict() when analyze(..., interventions=True)
     sweeps: dict | None = None  # {"add": SweepResult.to_dict(), "ablate": ...} when analyze(..., sweeps=True)
+    # Q (k = 3) at every layer, at t_inst (H) / t_post_inst (R): [n_layers, d, k], NaN where a layer has fewer
+    # directions; drift between checkpoints can then be taken at any common layer
+    Q_H_layers: torch.Tensor | None = None
+    Q_R_layers: torch.Tensor | None = None
 
     # --- persistence ------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -99,7 +103,9 @@ class AnalysisResult:
         with atomic_dir(out) as tmp:
             (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
-                       "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous()}, str(tmp / "carriers.safetensors"))
+                       "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous(),
+                       **({"Q_H_layers": self.Q_H_layers.contiguous(), "Q_R_layers": self.Q_R_layers.contiguous()}
+                          if self.Q_H_layers is not None else {})}, str(tmp / "carriers.safetensors"))
             if report:
                 from ..report import render_report
 
@@ -121,48 +127,11 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
     c = d["carriers"]
     carriers = Carriers(c["layers"], c["post_names"], t["H"], t["R"], c["r_fit"], c["fit_note"], c["counts"])
     return AnalysisResult(d["meta"], d["config"], carriers, Selection.from_dict(d["selection"]), d["metrics"],
-                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"), d.get("sweeps"))
+                          d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"), d.get("sweeps"),
+                          t.get("Q_H_layers"), t.get("Q_R_layers"))
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-def _texts(spec, role: str) -> list[str]:
-    from ..data import load_prompts
-
-    return [p.text for p in load_prompts(spec, role=role)]
-
-
-def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
-    """train / val / test prompt texts: bundled splits, a file's own splits, or a deterministic split."""
-    from ..data import load_prompts, split_prompts
-
-    prompts = load_prompts(spec, role=role)
-    if not prompts:
-        raise ValueError(f"the {role} prompt set is empty")
-    if any(getattr(p, "split", None) is None for p in prompts):
-        prompts = split_prompts(prompts)
-    out = {s: [p.text for p in prompts if p.split == s] for s in ("train", "val", "test")}
-    if len(out["train"]) < 2:
-        raise ValueError(f"the {role} set has {len(out['train'])} training prompts; at least 2 are needed "
-                         f"(give at least ~10 prompts in all)")
-    for s in ("val", "test"):
-        if not out[s]:  # tiny sets: reuse training prompts rather than fail, and say so
-            out[s] = out["train"][: max(1, len(out["train"]) // 2)]
-            notes.append(f"the {role} set has no {s} prompts; {len(out[s])} training prompts were reused as {s} prompts")
-    return out
-
-
-def _eval_prompts(spec, role: str, cap: int | None):
-    """Behavioural evaluation prompts: the test split when the set has splits, else all of it; at most ``cap``."""
-    from ..data import load_prompts
-
-    prompts = load_prompts(spec, role=role)
-    if not prompts:
-        raise ValueError(f"the {role} prompt set is empty")
-    if any(getattr(p, "split", None) == "test" for p in prompts):
-        prompts = [p for p in prompts if p.split == "test"]
-    return prompts[:cap] if cap else prompts
-
 
 def _nan_to_none(x):
     if isinstance(x, float) and not math.isfinite(x):
@@ -174,19 +143,10 @@ def _nan_to_none(x):
     return x
 
 
-def _dprime(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    v = 0.5 * (pos.var() + neg.var())
-    return float((pos.mean() - neg.mean()) / v.sqrt()) if v > 0 else float("nan")
-
-
-def _per_layer_coupling(H: torch.Tensor, R: torch.Tensor) -> list[float]:
-    out = []
-    for h, r in zip(H, R):
-        if h.norm() == 0 or r.norm() == 0:
-            out.append(float("nan"))  # e.g. layer 0 at template tokens: identical embeddings, R = 0
-        else:
-            out.append(M.coupling(h, r))
-    return out
+def stages_folder(out: str | os.PathLike) -> Path:
+    """Where ``analyze(..., out=out)`` keeps its stage artifacts until the result is saved: ``.NAME.stages`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.stages"
 
 
 # --- the facade -------------------------------------------------------------------------------------
@@ -206,6 +166,10 @@ def analyze(
     benign=None,
     attacks=None,
     judges=None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_overlap: bool = False,
     **options,
 ) -> AnalysisResult:
     """Run the protocol (PROTOCOL.md sections 1 to 3, and with ``interventions=True`` sections 4 and 5) on one model.
@@ -214,7 +178,18 @@ def analyze(
     model (then pass ``tokenizer``). ``harmful`` / ``harmless`` / ``xstest``: None for the bundled
     sets, a list of strings, or a dataset path. Keyword ``options`` override :class:`AnalysisConfig`.
 
-    With ``interventions=True`` the result also holds the reopen table (:mod:`pysafegeom.protocol.reopen`):
+    Data hygiene (STYLE.md): H and R are fitted on the ``train`` splits, candidates selected on ``val``,
+    readouts, rho, the Latent Guard and the reopen table use the held-out ``test`` splits, and the result
+    records which (``meta["splits"]``). A model that records its training prompts (the shipped anchors,
+    every checkpoint of :func:`pysafegeom.train.run`) is never fitted or judged on them: an overlap is a
+    :class:`~pysafegeom.errors.DataOverlap` error unless ``allow_overlap=True``, which the result records.
+
+    ``out``: a folder to save the result in (as :meth:`AnalysisResult.save`); each stage then writes its
+    artifact beside it (:func:`stages_folder`) and ``resume=True`` continues an interrupted analysis at
+    the stage it reached (:mod:`pysafegeom.pipelines.stages`). ``overwrite``: replace an ``out`` that
+    pysafegeom did not write.
+
+    With ``interventions=True`` the result also holds the reopen table (:mod:`pysafegeom.pipelines.reopen`):
     greedy answers at baseline and with R, H and span(H, R) ablated (plus matched random controls) on the
     held-out harmful prompts, the XSTest-style safe prompts and the ``benign`` prompts (bundled by
     default; their reference answers give the cross-entropy proxy), judged by ``judges`` (default: the
@@ -223,18 +198,35 @@ def analyze(
     the direct requests'.
     """
     from ..models import ModelAdapter, load_model
+    from . import stages as S
 
     cfg = config or AnalysisConfig()
     for k, v in options.items():
         if not hasattr(cfg, k):
             raise TypeError(f"unknown analyze option {k!r}; options are {', '.join(asdict(cfg))}")
         setattr(cfg, k, v)
+    loaded = not isinstance(model, (str, os.PathLike))
+    try:
+        from ..validate import check_analyze_config
+    except ImportError:  # pragma: no cover - the validation layer is optional while it is being built
+        check_analyze_config = None
+    if check_analyze_config is not None:
+        check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
     if not cfg.interventions and (judges is not None or attacks is not None):
         raise ValueError("judges= and attacks= are used by the reopen table: pass interventions=True as well")
     if cfg.interventions and judges is not None and not list(judges):
         raise ValueError("judges is empty: give at least one judge (e.g. [SubstringJudge()]) or None for the default")
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the folder whose stage artifacts to resume from)")
+    if out is not None:
+        try:
+            from .._io import check_output_path
+        except ImportError:  # pragma: no cover
+            check_output_path = None
+        if check_output_path is not None:
+            check_output_path(out, overwrite=overwrite, kind="dir")
     t_start = time.perf_counter()
-    if isinstance(model, (str, os.PathLike)):
+    if not loaded:
         spec = str(model)
         model, tokenizer = load_model(model, dtype=dtype, device=device)
     else:
@@ -244,169 +236,126 @@ def analyze(
     ad = ModelAdapter(model)
     L = ad.n_layers
 
-    notes: list[str] = []
-    hf = _split_user(harmful, "harmful", notes)
-    hl = _split_user(harmless, "harmless", notes)
-    if set(hf["train"]) == set(hl["train"]):
-        raise ValueError("the harmful and harmless prompt sets are the same prompts")
-    xs = _texts(xstest, "xstest_safe")
-    if not xs:
-        raise ValueError("the XSTest-style safe prompt set is empty")
+    # stage 1: which prompts do what (disjoint, and not the model's own training prompts)
+    sets = S.stage_sets(model, harmful, harmless, xstest, xstest_unsafe=xstest_unsafe, benign=benign,
+                        attacks=attacks, cfg=cfg, allow_overlap=allow_overlap)
+    notes = sets.notes
+    store = S.StageStore(stages_folder(out) if out is not None else None, S.fingerprint(model, spec, cfg, sets), resume)
+    if resume and not any((store.folder / f"{n}.pt").is_file() for n in ("capture",)):
+        notes.append(f"resume: {store.folder} held no finished stage; the analysis started from the beginning")
 
     phrases = tuple(cfg.refusal_phrases) if cfg.refusal_phrases else REFUSAL_PHRASES
     rtoks = list(cfg.refusal_tokens) if cfg.refusal_tokens else find_refusal_tokens(tokenizer, phrases)
-    sets = {"harmful": hf["train"], "harmless": hl["train"], "harmful_test": hf["test"],
-            "harmless_test": hl["test"], "xstest_safe": xs}
+    hf, hl = sets.harmful, sets.harmless
+    texts = {"harmful": hf["train"], "harmless": hl["train"], "harmful_test": hf["test"],
+             "harmless_test": hl["test"], "xstest_readout": sets.xstest_readout,
+             "harmful_val": hf["val"][: cfg.n_val], "harmless_val": hl["val"][: cfg.n_val]}
+    # stage 2: every prompt set tokenised once; capture and selection take these rows
+    enc = S.encode_sets(tokenizer, texts, cfg, max_length=getattr(model.config, "max_position_embeddings", None))
+
+    # stage 3: capture
     t0 = time.perf_counter()
-    cap = capture(model, tokenizer, sets, refusal_tokens=rtoks, template=cfg.template, system=cfg.system,
-                  batch_size=cfg.batch_size, progress=progress)
+    blob = store.load("capture")
+    if blob is None:
+        cap_sets = {k: enc[k] for k in ("harmful", "harmless", "harmful_test", "harmless_test", "xstest_readout")}
+        cap = capture(model, tokenizer, cap_sets, refusal_tokens=rtoks, template=cfg.template, system=cfg.system,
+                      batch_size=cfg.batch_size, keep_positions="all", progress=progress)
+        store.save("capture", S.capture_to_blob(cap))
+    else:
+        cap = S.capture_from_blob(blob)
     t_capture = time.perf_counter() - t0
+    # stage 4: carriers
     car = fit_carriers(cap, min_filtered=cfg.min_filtered)
 
+    # stage 5: selection
     t0 = time.perf_counter()
-    sel_layers = [l for l in range(0, L, max(1, cfg.selection_layer_stride))]
-    sel = select_carrier(model, tokenizer, car, hf["val"][: cfg.n_val], hl["val"][: cfg.n_val], rtoks,
-                         positions=cfg.selection_positions, layers=sel_layers, kl_threshold=cfg.kl_threshold,
-                         relaxed_threshold=cfg.relaxed_kl_threshold, template=cfg.template, system=cfg.system,
-                         batch_size=cfg.batch_size or 32, progress=progress)
+    blob = store.load("selection")
+    if blob is None:
+        sel_layers = [l for l in range(0, L, max(1, cfg.selection_layer_stride))]
+        sel = select_carrier(model, tokenizer, car, enc["harmful_val"], enc["harmless_val"], rtoks,
+                             positions=cfg.selection_positions, layers=sel_layers, kl_threshold=cfg.kl_threshold,
+                             relaxed_threshold=cfg.relaxed_kl_threshold, template=cfg.template, system=cfg.system,
+                             batch_size=cfg.batch_size or 32, progress=progress)
+        store.save("selection", json.dumps(sel.to_dict()))
+    else:
+        sel = Selection.from_dict(json.loads(blob))
     t_select = time.perf_counter() - t0
 
-    # reference layer / position for the single-layer metrics
-    if sel.layer is not None:
-        ref_layer, ref_pos, ref_why = sel.layer, sel.position, f"selected carrier ({sel.outcome})"
-    else:
-        # fallback: prefer a candidate that keeps the model intact (KL within the relaxed threshold, only induce
-        # failing): the lowest bypass over all candidates is usually the one that breaks the model outright
-        evaluated = [c for c in sel.candidates if not c.pruned and c.bypass == c.bypass and c.kl == c.kl]
-        gentle = [c for c in evaluated if c.kl <= cfg.relaxed_kl_threshold]
-        best = min(gentle or evaluated, key=lambda c: c.bypass) if evaluated else None
-        ref_layer = best.layer if best else L // 2
-        ref_pos = best.position if best else "eoi-1"
-        ref_why = ("no admissible carrier: the candidate with the lowest bypass score among those with KL <= "
-                   f"{cfg.relaxed_kl_threshold} (its induce score is negative; not admissible)" if gentle else
-                   "no admissible carrier: the evaluated candidate with the lowest bypass score (not admissible)")
+    # stage 6: metrics at every layer and at the reference carrier (cheap: recomputed on resume)
+    ref_layer, ref_pos, ref_why = S.reference_carrier(sel, L, cfg.relaxed_kl_threshold)
     li = car.layers.index(ref_layer)
-
-    # metrics (PROTOCOL 3)
-    post_col = car.post_names.index("eoi-1")
-    per_layer = _per_layer_coupling(car.H, car.R[:, post_col])
-    lo, hi = M.mid_band(L)
-    band = [v for l, v in zip(car.layers, per_layer) if lo <= l < hi and v == v]
-    h_ref, r_ref = car.H[li], car.R[li, car.post_names.index(ref_pos)]
-    X_h = cap.per_prompt["harmful"]["t_inst"][:, li].double()
-    X_r = cap.per_prompt["harmful"]["eoi-1"][:, li].double()
-    mu_neg_inst = cap.mean("harmless")[li, 0]
-    mu_neg_post = cap.mean("harmless")[li, -1]
-    k = min(cfg.k, X_h.shape[0], int(torch.linalg.matrix_rank(X_h - mu_neg_inst)), int(torch.linalg.matrix_rank(X_r - mu_neg_post)))
-    if k < cfg.k:
-        notes.append(f"low-rank carriers use k = {k}, not {cfg.k}: the harmful differences have numerical rank {k}")
-    Q_H = M.low_rank_basis(X_h, mu_neg_inst, k)
-    Q_R = M.low_rank_basis(X_r, mu_neg_post, k)
-    angles = M.principal_angles(Q_H, Q_R)
-    eoi_units = car.R[li][car.R[li].norm(dim=-1) > 0]
-    erank = M.effective_rank(eoi_units, unit_rows=True) if len(eoi_units) else float("nan")
-    delta = X_r - mu_neg_post
-    erank_delta5 = M.effective_rank(delta, top=5)
-
-    # readouts at the reference layer, on held-out prompts
-    h_eoi = car.H[li]
-    r_post = car.R[li, post_col]
-    readouts, all_h, all_r = {}, [], []
-    for name in ("harmful_test", "harmless_test", "xstest_safe"):
-        ro = M.readouts(cap.per_prompt[name]["t_inst"][:, li].double(), cap.per_prompt[name]["eoi-1"][:, li].double(), h_eoi, r_post)
-        readouts[name] = {"h": ro.h.tolist(), "r": ro.r.tolist()}
-        all_h.append(ro.h)
-        all_r.append(ro.r)
-    rho = M.process_correlation(torch.cat(all_h), torch.cat(all_r))
-
-    # Latent Guard on held-out prompts: centroids from the training sets, all layers
-    c_hf = cap.mean("harmful")[:, 0]
-    c_hl = cap.mean("harmless")[:, 0]
-    Xt = torch.cat([cap.per_prompt["harmful_test"]["t_inst"], cap.per_prompt["harmless_test"]["t_inst"]]).double()
-    labels = torch.tensor([1] * len(hf["test"]) + [0] * len(hl["test"]))
-    guard = M.latent_guard_scores(Xt, c_hf, c_hl)
-    guard_xs = M.latent_guard_scores(cap.per_prompt["xstest_safe"]["t_inst"].double(), c_hf, c_hl)
-
-    # separation per layer (in-sample d' along the unit carrier)
-    sep_h, sep_r = [], []
-    for j in range(len(car.layers)):
-        for store, pos, vec in ((sep_h, "t_inst", car.H[j]), (sep_r, "eoi-1", car.R[j, post_col])):
-            if vec.norm() == 0:
-                store.append(float("nan"))
-                continue
-            u = vec / vec.norm()
-            store.append(_dprime(cap.per_prompt["harmful"][pos][:, j].double() @ u, cap.per_prompt["harmless"][pos][:, j].double() @ u))
-
-    metrics = {
-        "coupling": {"per_layer": per_layer, "mid_band": [lo, hi], "mid_band_mean": sum(band) / len(band) if band else float("nan"),
-                     "max": max((v for v in per_layer if v == v), default=float("nan")),
-                     "argmax": car.layers[max((i for i, v in enumerate(per_layer) if v == v), key=lambda i: per_layer[i])],
-                     "at_reference": M.coupling(h_ref, r_ref)},
-        "reference": {"layer": ref_layer, "position": ref_pos, "why": ref_why},
-        "subspace_coupling": M.subspace_coupling(Q_H, Q_R),
-        "principal_angles_deg": [math.degrees(a) for a in angles.tolist()],
-        "k": k,
-        "effective_rank": erank,
-        "effective_rank_delta_top5": erank_delta5,
-        "process_correlation": rho,
-        "latent_guard": {"auroc": M.auroc(guard, labels), "threshold": 0.0,
-                         "flagged_harmful_test": float((guard[labels == 1] >= 0).double().mean()),
-                         "flagged_harmless_test": float((guard[labels == 0] >= 0).double().mean()),
-                         "flagged_xstest_safe": float((guard_xs >= 0).double().mean())},
-        "refusal_rate": {name: float((cap.scores[name] > 0).double().mean()) for name in sets},
-        "norms": {"H": car.H.norm(dim=-1).tolist(), "R_t_post_inst": car.R[:, post_col].norm(dim=-1).tolist()},
-    }
+    mt = S.stage_metrics(cap, car, sel, sets, cfg, L, ref_layer, ref_pos, ref_why, notes)
     from .. import __version__
 
     meta = {
         "model": spec, "arch": ad.arch, "n_layers": L, "d_model": ad.d_model, "dtype": str(ad.dtype),
         "device": str(ad.device), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "pysafegeom": __version__, "torch": torch.__version__,
-        "n_prompts": {name: len(v) for name, v in sets.items()} | {"harmful_val": len(hf["val"][: cfg.n_val]), "harmless_val": len(hl["val"][: cfg.n_val])},
+        "n_prompts": {name: len(v) for name, v in texts.items()},
+        "splits": sets.record(),
+        "overlap_override": sets.overlap_override or None,
         "refusal_tokens": rtoks, "refusal_token_strings": [tokenizer.decode([t]) for t in rtoks],
         "position_names": cap.position_names,
-        "timings_s": {"capture": round(t_capture, 2), "selection": round(t_select, 2), "total": round(time.perf_counter() - t_start, 2)},
+        "timings_s": {"capture": round(t_capture, 2), "selection": round(t_select, 2)},
         "capture_tokens": cap.n_tokens, "capture_padded_tokens": cap.n_padded_tokens,
         "notes": notes,
     }
+
+    # stage 7: the reopen table and the diagnostics
     reopen = None
     if cfg.interventions:
         from .reopen import reopen_attacks
 
         t0 = time.perf_counter()
-        bn = _eval_prompts(benign, "benign", cfg.n_behaviour)
-        refs = [p.reference for p in bn]
-        rep = reopen_attacks(
-            model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), ref_layer, position=ref_pos,
-            harmful=hf["test"][: cfg.n_behaviour] if cfg.n_behaviour else hf["test"], harmless=hl["val"][: cfg.n_val],
-            xstest_safe=[p.text for p in _eval_prompts(xstest, "xstest_safe", cfg.n_behaviour)],
-            xstest_unsafe=[p.text for p in _eval_prompts(xstest_unsafe, "xstest_unsafe", cfg.n_behaviour)],
-            benign=[p.text for p in bn], benign_references=refs if all(r for r in refs) else None,
-            attacks=[p.text for p in _eval_prompts(attacks, "attack", None)] if attacks is not None else None,
-            judges=judges, n_controls=cfg.n_controls, orthogonal_controls=cfg.orthogonal_controls, actadd=cfg.actadd,
-            max_new_tokens=cfg.max_new_tokens, template=cfg.template, system=cfg.system, batch_size=cfg.batch_size or 32,
-            progress=progress)
-        if sel.layer is None:
-            rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {ref_pos}), not a selected one")
-        reopen = _nan_to_none(rep.to_dict())
+        reopen = store.load("reopen")
+        if reopen is None:
+            rep = reopen_attacks(
+                model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), ref_layer, position=ref_pos,
+                harmful=hf["test"][: cfg.n_behaviour] if cfg.n_behaviour else hf["test"], harmless=hl["test"][: cfg.n_val],
+                xstest_safe=sets.xstest_eval,
+                xstest_unsafe=sets.xstest_unsafe, benign=sets.benign, benign_references=sets.benign_references,
+                attacks=sets.attacks, judges=judges, n_controls=cfg.n_controls,
+                orthogonal_controls=cfg.orthogonal_controls, actadd=cfg.actadd, max_new_tokens=cfg.max_new_tokens,
+                template=cfg.template, system=cfg.system, batch_size=cfg.batch_size or 32, progress=progress)
+            if sel.layer is None:
+                rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {ref_pos}), "
+                                 "not a selected one")
+            reopen = json.dumps(_nan_to_none(rep.to_dict()))
+            store.save("reopen", reopen)
+        reopen = json.loads(reopen)
         meta["timings_s"]["reopen"] = round(time.perf_counter() - t0, 2)
-        meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    # stage 8: sweeps
     sweeps = None
     if cfg.sweeps:
         from ..interventions.sweeps import sweep
 
         t0 = time.perf_counter()
-        sweeps = {kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), hf["val"][: cfg.n_val],
-                              hl["val"][: cfg.n_val], layer=ref_layer, refusal_tokens=rtoks, kind=kind,
-                              n_controls=max(1, cfg.n_controls), orthogonal_controls=cfg.orthogonal_controls,
-                              batch_size=cfg.batch_size or 32, template=cfg.template, system=cfg.system,
-                              progress=progress).to_dict()
-                  for kind in ("add", "ablate")}
+        sweeps = store.load("sweeps")
+        if sweeps is None:
+            sweeps = json.dumps({kind: sweep(model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(),
+                                             hf["val"][: cfg.n_val], hl["val"][: cfg.n_val], layer=ref_layer,
+                                             refusal_tokens=rtoks, kind=kind, n_controls=max(1, cfg.n_controls),
+                                             orthogonal_controls=cfg.orthogonal_controls,
+                                             batch_size=cfg.batch_size or 32, template=cfg.template, system=cfg.system,
+                                             progress=progress).to_dict()
+                                 for kind in ("add", "ablate")})
+            store.save("sweeps", sweeps)
+        sweeps = json.loads(sweeps)
         meta["timings_s"]["sweeps"] = round(time.perf_counter() - t0, 2)
-        meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
-    res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(metrics), readouts, Q_H.float(), Q_R.float(),
-                         _nan_to_none({"H_dprime": sep_h, "R_dprime": sep_r}), reopen, sweeps)
+    if store.loaded:
+        notes.append(f"resumed: stage(s) {', '.join(store.loaded)} loaded from {store.folder}")
+    if store.stale:
+        notes.append(f"recomputed stale stage artifact(s): {'; '.join(store.stale)}")
+    meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(mt["metrics"]), mt["readouts"], mt["Q_H"], mt["Q_R"],
+                         _nan_to_none(mt["separation"]), reopen, sweeps, mt["Q_H_layers"], mt["Q_R_layers"])
     res.metrics["summary"] = summarize(res)
+    if out is not None:
+        try:
+            res.save(out, overwrite=True)  # checked (or allowed) before any work started
+        except TypeError:  # pragma: no cover - save() without the overwrite rule
+            res.save(out)
+        store.remove()
     return res
 
 

@@ -101,10 +101,10 @@ def auto_batch_size(model, max_len: int, device: torch.device) -> int:
 def capture(
     model,
     tokenizer,
-    sets: dict[str, list[str]],
+    sets: dict,
     *,
     layers: list[int] | None = None,
-    keep_positions: tuple[str, ...] = ("t_inst", "eoi-1"),
+    keep_positions: tuple[str, ...] | str = ("t_inst", "eoi-1"),
     refusal_tokens: list[int] | None = None,
     template: str | None = None,
     system: str | None = None,
@@ -114,9 +114,14 @@ def capture(
 ) -> Capture:
     """Run ``model`` over named prompt sets and stream the residual stream at the protocol's positions.
 
+    ``sets``: name -> prompt texts, or -> :class:`pysafegeom.prompts.EncodedPrompts` already encoded with
+    the same template (an analysis encodes its prompts once and hands them to every stage).
+
     ``layers``: resid_pre indices to capture (default every block input and the output of the last
-    block, ``0..L``). ``keep_positions``: position names whose per-prompt activations are kept at every
-    captured layer (for subspace fits, readouts and the Latent Guard). ``refusal_tokens``: when given,
+    block, ``0..L``). ``keep_positions``: position names (or ``"all"``) whose per-prompt activations are kept at every
+    captured layer (for subspace fits, readouts and the Latent Guard); ``"all"`` keeps ``t_inst`` and every
+    post-instruction position (what :func:`~pysafegeom.protocol.carriers.fit_subspace` needs at a selected
+    position other than ``eoi-1``). ``refusal_tokens``: when given,
     each prompt's refusal score is computed from the last position (the LM head runs on that row only)
     and prompts are grouped by behaviour.
     """
@@ -135,11 +140,22 @@ def capture(
 
     # tokenise every prompt once; batches of similar length are padded from these rows
     names = list(sets)
-    encoded = {name: encode_prompts(tokenizer, sets[name], template=template, system=system, max_length=max_ctx)
-               for name in names}
+    from ..prompts import EncodedPrompts
+
+    encoded = {name: v if isinstance(v, EncodedPrompts) else
+               encode_prompts(tokenizer, v, template=template, system=system, max_length=max_ctx)
+               for name, v in sets.items()}
+    sets = {name: encoded[name].instructions for name in names}
     items = [(s, i, len(row)) for s, name in enumerate(names) for i, row in enumerate(encoded[name].rows)]
     n_post = len(encoded[names[0]].split.suffix_ids)
     position_names = ["t_inst"] + [f"eoi-{n_post - j}" for j in range(n_post)]
+    if isinstance(keep_positions, str):
+        if keep_positions != "all":
+            raise ValueError(f"keep_positions must be 'all' or a tuple of position names, got {keep_positions!r}")
+        keep_positions = tuple(position_names)
+    keep_positions = tuple(keep_positions)
+    if keep_positions == "all":
+        keep_positions = tuple(position_names)
     unknown = [p for p in keep_positions if p not in position_names]
     if unknown:
         raise ValueError(f"unknown keep_positions {unknown}; choose from {position_names}")

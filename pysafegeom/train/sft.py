@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_dir
+from ..models.provenance import attach_training_prompts, read_training_prompts, training_prompts, write_training_prompts
 from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
 
 STATE_FILE = "trainer_state.pt"
@@ -260,7 +261,8 @@ def _prepare_model(model, config: TrainConfig, base_spec: str | None):
 
 
 def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, config: TrainConfig, out_dir: Path,
-                     step: int, cursor: int, losses: list[float], base_spec: str | None) -> Path:
+                     step: int, cursor: int, losses: list[float], base_spec: str | None,
+                     training_prompts: list[str] = ()) -> Path:
     final = out_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -274,6 +276,7 @@ def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, con
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": recipe.state_dict(),
                     "config": asdict(config)}, tmp / STATE_FILE)
         (tmp / "train_config.json").write_text(json.dumps({**asdict(config), "base_model": base_spec}, indent=2, default=str))
+        write_training_prompts(tmp, training_prompts)
     return final
 
 
@@ -333,6 +336,9 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
         raise ValueError("pass the tokenizer with a loaded model")
     _has_chat_template(tokenizer, config.template)
     rows = encode_examples(tokenizer, examples, max_len=config.max_len, template=config.template, system=config.system)
+    # what the model is trained on, recorded in every checkpoint (analyze refuses to fit or judge on these);
+    # a model that was itself fine-tuned by pysafegeom passes its own record on
+    train_prompts = list(dict.fromkeys((training_prompts(model) or []) + [ex.instruction for ex in examples]))
     if not any(any(l != IGNORE for l in r["labels"]) for r in rows):
         raise ValueError("empty dataset: no example has a response token to train on")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -379,12 +385,21 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
         while step < config.steps:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
+            # weight each micro-batch's token-mean loss by its share of the step's response tokens, so the
+            # step's loss is the mean over all its tokens (a token-mean divided by grad_accum would not be)
+            micro = []
             for _ in range(config.grad_accum):
                 idx = _micro_batch(cursor, n, config.batch_size, config.seed)
                 cursor += config.batch_size
-                batch = {k: v.to(dev) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+                micro.append(collate([rows[i] for i in idx], pad_id))
+            n_resp = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro]
+            n_total = max(1, sum(n_resp))
+            for b, n_i in zip(micro, n_resp):
+                if n_i == 0:
+                    continue
+                batch = {k: v.to(dev) for k, v in b.items()}
                 tokens += int(batch["attention_mask"].sum())
-                loss = recipe.build_loss(batch) / config.grad_accum
+                loss = recipe.build_loss(batch) * (n_i / n_total)
                 loss.backward()
                 total += float(loss.detach())
             if config.max_grad_norm > 0:
@@ -400,12 +415,13 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
             bar.update(1)
             if step in save_steps:
                 saved[step] = str(_save_checkpoint(model, tokenizer, optimizer, scheduler, recipe, config, out_dir,
-                                                   step, cursor, losses, base_spec))
+                                                   step, cursor, losses, base_spec, train_prompts))
             if callback is not None:
                 callback(step, total)
     finally:
         bar.close()
     model.eval()
+    attach_training_prompts(model, train_prompts)
     elapsed = time.perf_counter() - t0
     return TrainResult(model=model, tokenizer=tokenizer, losses=losses, checkpoints=dict(sorted(saved.items())),
                        final_checkpoint=saved.get(config.steps), seconds=elapsed,
@@ -428,4 +444,7 @@ def export_adapter(checkpoint: str | os.PathLike, dest: str | os.PathLike, *, ba
     (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     state = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
     save_file(state, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    recorded = read_training_prompts(src)
+    if recorded is not None:
+        write_training_prompts(dest, recorded)
     return dest
