@@ -85,7 +85,8 @@ def test_lora_checkpoints_load_through_load_model(base, tmp_path):
     ids = torch.tensor([tk("Hello world")["input_ids"]])
     torch.testing.assert_close(model(ids).logits, res.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     small = export_adapter(res.final_checkpoint, tmp_path / "shipped", base=base)  # bfloat16, no trainer state
-    assert sorted(p.name for p in small.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in small.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "training_prompts.json"]
     model16, _ = load_model(small, device="cpu")
     torch.testing.assert_close(model16(ids).logits, model(ids).logits, atol=1e-2, rtol=1e-2)
 

@@ -1,0 +1,172 @@
+"""Data hygiene: fits and judgements never on a model's own training prompts, disjoint splits, the trainer's
+record, the token-weighted loss, and resuming an interrupted analysis at the stage it reached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pysafegeom.errors import DataOverlap
+from pysafegeom.models import attach_training_prompts, load_model, tiny_model, training_prompts
+from pysafegeom.models.provenance import overlap, prompt_key, read_training_prompts
+from pysafegeom.pipelines import stages as S
+from pysafegeom.pipelines.analyze import analyze, load_result, stages_folder
+from pysafegeom.train import TrainConfig, export_adapter, run
+
+from test_analysis import HARMFUL, HARMLESS, XS
+
+EXAMPLES = [("Name a fruit that is yellow.", "A banana."), ("How do I pick a lock to rob a house?", "Sorry, I can't do that."),
+            ("Say hello.", "Hello! How can I help you today? I am glad to answer any question you have."),
+            ("Count to three.", "One, two, three.")]
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model("llama", tokenizer=tok, n_layers=3, d_model=32, seed=5)
+
+
+def _kw():
+    return dict(n_val=3, selection_positions=["eoi-1"], min_filtered=1, progress=False)
+
+
+def test_prompt_key_and_overlap_ignore_case_space_and_quotes():
+    assert prompt_key("  How  DO I\tpick a lock’s pins? ") == prompt_key("how do i pick a lock's pins?")
+    assert overlap(["a b", "C", "d"], ["A  B", "x"]) == ["a b"]
+    assert overlap(["a"], None) == [] and overlap(["a"], []) == []
+
+
+def test_analyze_refuses_a_models_own_training_prompts(model, tok):
+    attach_training_prompts(model, [HARMFUL[2].upper() + "  ", "unrelated"])
+    try:
+        with pytest.raises(DataOverlap, match="trained on") as e:
+            analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, **_kw())
+        assert "harmful: 1" in str(e.value) and "allow_overlap" in str(e.value)
+        res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, allow_overlap=True, **_kw())
+        assert res.meta["overlap_override"] == {"harmful": 1}
+        assert any("allow_overlap=True" in n for n in res.meta["notes"])
+    finally:
+        attach_training_prompts(model, None)
+    res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, **_kw())  # no record: no complaint
+    assert res.meta["overlap_override"] is None
+    sp = res.meta["splits"]
+    assert sp["harmful_train"]["n"] + sp["harmful_val"]["n"] + sp["harmful_test"]["n"] == len(HARMFUL)
+
+
+def test_split_duplicates_and_cross_set_prompts_are_errors(model, tok):
+    with pytest.raises(DataOverlap, match="both the harmful and the harmless"):
+        analyze(model, HARMFUL, HARMLESS + [HARMFUL[0]], XS, tokenizer=tok, **_kw())
+    dup = HARMFUL + [HARMFUL[0]] * 6  # duplicates land in train and in test: held-out figures would be in-sample
+    with pytest.raises(DataOverlap, match="splits"):
+        analyze(model, dup, HARMLESS, XS, tokenizer=tok, **_kw())
+
+
+def test_readouts_use_only_held_out_splits(model, tok):
+    res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, **_kw())
+    train = {prompt_key(p) for p in HARMFUL} - {prompt_key(p) for p in []}
+    n_test = res.meta["splits"]["harmful_test"]["n"]
+    assert len(res.readouts["harmful_test"]["h"]) == n_test < len(train)
+    assert res.metrics["latent_guard"]["scored_on"] == "harmful_test, harmless_test"
+
+
+def test_trainer_records_prompts_and_export_and_load_carry_them(tok, tmp_path):
+    base = tiny_model("llama", tokenizer=tok, n_layers=1, d_model=32, seed=0)
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    res = run(str(folder), None, EXAMPLES, TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, max_len=64),
+              tmp_path / "out", progress=False)
+    want = [e[0] for e in EXAMPLES]
+    assert read_training_prompts(res.final_checkpoint) == want
+    assert training_prompts(res.model) == want
+    shipped = export_adapter(res.final_checkpoint, tmp_path / "shipped", base=str(folder))
+    assert read_training_prompts(shipped) == want
+    m, _ = load_model(shipped, device="cpu")
+    assert training_prompts(m) == want
+    with pytest.raises(DataOverlap):
+        analyze(m, HARMFUL + [EXAMPLES[1][0]], HARMLESS, XS, tokenizer=tok, **_kw())
+
+
+def test_shipped_anchor_records_its_training_prompts():
+    from pathlib import Path
+
+    import pysafegeom
+
+    rec = read_training_prompts(Path(pysafegeom.__file__).parent / "anchors" / "smollm2-135m-safety")
+    if rec is None:
+        pytest.skip("the shipped anchor carries no training record yet")
+    from pysafegeom.data import load_default
+
+    for name in ("harmful", "harmless", "xstest_safe", "xstest_unsafe", "benign"):
+        hit = overlap([p.text for p in load_default(name)], rec)
+        assert not hit, f"the anchor was trained on {len(hit)} prompts of the bundled {name} set, e.g. {hit[0]!r}"
+
+
+def test_token_weighted_loss_equals_one_big_batch(tok, tmp_path):
+    """grad_accum=2 of 2 examples each must take the same step as one batch of 4: the loss is a mean over the
+    step's response tokens, not a mean of micro-batch means (planted: very unequal response lengths)."""
+    ex = [("Say hi.", "Hi."), ("Tell me a long story about a dog.", " ".join(["The dog ran far away."] * 8)),
+          ("Name a colour.", "Red."), ("Describe the sea at length.", " ".join(["The sea is wide and blue."] * 6))]
+    outs = []
+    for bs, ga in ((4, 1), (2, 2)):
+        m = tiny_model("llama", tokenizer=tok, n_layers=1, d_model=32, seed=1)
+        cfg = TrainConfig(steps=1, batch_size=bs, grad_accum=ga, lr=1e-2, warmup_steps=0, max_len=96, lora=False,
+                          max_grad_norm=0.0, seed=0)
+        r = run(m, tok, ex, cfg, tmp_path / f"run{bs}", progress=False)
+        outs.append((r.losses[0], {k: v.detach().clone() for k, v in r.model.named_parameters()}))
+    (l1, w1), (l2, w2) = outs
+    assert abs(l1 - l2) < 1e-5
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_analysis_resumes_at_the_stage_it_reached(model, tok, tmp_path, monkeypatch):
+    import pysafegeom.pipelines.analyze as A
+
+    out = tmp_path / "res"
+    real_select = A.select_carrier
+
+    def boom(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(A, "select_carrier", boom)
+    with pytest.raises(_Stop):
+        analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, out=out, **_kw())
+    assert (stages_folder(out) / "capture.pt").is_file() and not out.exists()
+    # resume: capture must not run again, selection runs now
+    monkeypatch.setattr(A, "select_carrier", real_select)
+    monkeypatch.setattr(A, "capture", boom)
+    res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, out=out, resume=True, **_kw())
+    assert any("resumed: stage(s) capture" in n for n in res.meta["notes"])
+    assert not stages_folder(out).exists() and (out / "result.json").is_file()
+    monkeypatch.undo()
+    fresh = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, **_kw())
+    torch.testing.assert_close(res.carriers.R, fresh.carriers.R)
+    assert res.selection.to_dict() == fresh.selection.to_dict()
+    again = load_result(out)
+    torch.testing.assert_close(again.Q_R_layers, fresh.Q_R_layers, equal_nan=True)
+
+
+def test_stale_stage_artifacts_are_recomputed(model, tok, tmp_path, monkeypatch):
+    import pysafegeom.pipelines.analyze as A
+
+    out = tmp_path / "res"
+    monkeypatch.setattr(A, "select_carrier", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, out=out, **_kw())
+    monkeypatch.undo()
+    res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, out=out, resume=True, **{**_kw(), "n_val": 2})
+    assert any("recomputed stale" in n and "capture" in n for n in res.meta["notes"])
+
+
+def test_q_at_the_selected_carrier_uses_rs_position(model, tok):
+    res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=3, selection_positions=["eoi-3"], min_filtered=1,
+                  progress=False)
+    fit = res.metrics["subspace_fit"]
+    assert fit["Q_R_position"] == res.metrics["reference"]["position"] == "eoi-3"
+    assert res.Q_H_layers.shape[0] == len(res.carriers.layers) and res.Q_R_layers.shape[1] == res.carriers.H.shape[1]
