@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from pysafegeom.pipelines.analyze import analyze, anchor_findings, load_result
 from pysafegeom.behaviour import SubstringJudge, Verdict
-from pysafegeom.interventions import ablate
+from pysafegeom.interventions import ablate, add
 from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.pipelines.reopen import Reopen, mcnemar_exact, percentile, random_frames, reopen_attacks
 from pysafegeom.generation import greedy_generate
+from pysafegeom.models.forward import kl_next_token, last_logits
+from pysafegeom.prompts import encode_batches
 
 from test_analysis import HARMFUL, HARMLESS, XS
 
@@ -72,20 +74,55 @@ def test_rows_match_generations_under_the_same_hooks(rep, model, tok, carriers):
     assert rep.row("baseline").success == [not v.refused for v in judge.judge(HARMFUL[:4], plain)]
     assert rep.row("ablate R").success == [not v.refused for v in judge.judge(HARMFUL[:4], abl)]
     assert [s["response"] for s in rep.samples["ablate R"]] == abl[:3]
+    # the H row: ablate(..., positions="instruction") by hand, answers and KL on the harmless prompts
+    h = (H / H.norm()).float()
+    batches = encode_batches(tok, HARMLESS[:3], batch_size=8)
+    with torch.no_grad():
+        base_logits = last_logits(model, batches)
+        with ablate(model, h, positions="instruction", tokenizer=tok):
+            inst = greedy_generate(model, tok, HARMFUL[:4], max_new_tokens=5, progress=False)
+            inst_logits = last_logits(model, batches)
+        with ablate(model, h):
+            every_logits = last_logits(model, batches)
+    assert rep.row("ablate H").positions == "instruction" and rep.row("ablate H (all positions)").positions == "all"
+    assert [s["response"] for s in rep.samples["ablate H"]] == inst[:3]
+    assert rep.row("ablate H").success == [not v.refused for v in judge.judge(HARMFUL[:4], inst)]
+    assert rep.row("ablate H").kl == pytest.approx(float(kl_next_token(base_logits, inst_logits).mean()), rel=1e-3)
+    assert rep.row("ablate H (all positions)").kl == pytest.approx(float(kl_next_token(base_logits, every_logits).mean()),
+                                                                  rel=1e-3)
+    assert rep.row("ablate H").kl != pytest.approx(rep.row("ablate H (all positions)").kl, rel=1e-3)
 
 
 def test_table_shape_and_baseline(rep):
     names = [c.name for c in rep.conditions]
-    assert names[:4] == ["baseline", "ablate R", "ablate H", "ablate span(H, R)"]
-    assert sum(c.carrier == "control" for c in rep.conditions) == 4  # 2 one-D + 2 two-D
+    assert names[:5] == ["baseline", "ablate R", "ablate H", "ablate H (all positions)", "ablate span(H, R)"]
+    assert [(r["condition"], r["positions"]) for r in rep.summary_rows] == [
+        ("baseline", "none"), ("ablate R", "all"), ("ablate H", "instruction"), ("ablate H (all positions)", "all"),
+        ("ablate span(H, R)", "all")]
+    # 2 one-D at every position (shared by R and H at all positions) + 2 one-D at the instruction positions + 2 two-D
+    ctrls = {c.name: (c.control_of, c.positions) for c in rep.conditions if c.carrier == "control"}
+    assert ctrls == {"ablate control 0": ("ablate R|ablate H (all positions)", "all"),
+                     "ablate control 1": ("ablate R|ablate H (all positions)", "all"),
+                     "ablate control 0 (instruction)": ("ablate H", "instruction"),
+                     "ablate control 1 (instruction)": ("ablate H", "instruction"),
+                     "ablate 2-D control 0": ("ablate span(H, R)", "all"),
+                     "ablate 2-D control 1": ("ablate span(H, R)", "all")}
+    assert rep.settings["positions"] == {"ablate R": "all", "ablate H": "instruction", "ablate H (all positions)": "all",
+                                         "ablate span(H, R)": "all"}
     base = rep.summary_rows[0]
     assert base["delta_asr"] == 0 and base["kl"] == 0
     for row in rep.summary_rows[1:]:
         assert row["kl"] > 0  # every ablation moves the next-token distribution of a random model a little
         assert row["n_controls"] == 2 and 0 <= row["delta_asr_percentile"] <= 100
-    ctrl = [c for c in rep.conditions if c.control_of == "ablate R|ablate H"]
-    d = [c.asr_value - rep.row("baseline").asr_value for c in ctrl]
-    assert rep.summary_rows[1]["controls_delta_asr_mean"] == pytest.approx(sum(d) / len(d))
+    rows = {r["condition"]: r for r in rep.summary_rows}
+    for carrier, tag in (("ablate R", ""), ("ablate H (all positions)", ""), ("ablate H", " (instruction)")):
+        ctrl = [rep.row(f"ablate control {i}{tag}") for i in range(2)]
+        d = [c.asr_value - rep.row("baseline").asr_value for c in ctrl]
+        assert rows[carrier]["controls_delta_asr_mean"] == pytest.approx(sum(d) / len(d))
+        kl = [c.kl for c in ctrl]
+        assert rows[carrier]["controls_kl_mean"] == pytest.approx(sum(kl) / len(kl))
+    assert rows["ablate H"]["controls_kl_mean"] != pytest.approx(rows["ablate R"]["controls_kl_mean"])
+    assert "instruction positions" in rep.verdict and "every position" in rep.verdict
     dg = rep.diagnostics
     assert dg["robust_refusal"]["n"] == 4 and dg["exaggerated_safety"]["n"] == len(XS)
     assert dg["exaggerated_safety"]["contrast"]["n"] == 2
@@ -178,7 +215,9 @@ def test_analyze_with_interventions_saves_table_and_report(model, tok, tmp_path)
     res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, n_val=3, selection_positions=["eoi-1"], min_filtered=1,
                   progress=False, interventions=True, n_controls=1, max_new_tokens=4, n_behaviour=3, sweeps=True)
     rp = res.reopen
-    assert [r["condition"] for r in rp["summary_rows"]] == ["baseline", "ablate R", "ablate H", "ablate span(H, R)"]
+    assert [r["condition"] for r in rp["summary_rows"]] == ["baseline", "ablate R", "ablate H", "ablate H (all positions)",
+                                                            "ablate span(H, R)"]
+    assert [r["positions"] for r in rp["summary_rows"]] == ["none", "all", "instruction", "all", "all"]
     assert rp["verdict"] and any(rp["verdict"] in line for line in res.metrics["summary"])
     assert res.meta["timings_s"]["reopen"] > 0
     out = res.save(tmp_path / "r")
@@ -186,6 +225,7 @@ def test_analyze_with_interventions_saves_table_and_report(model, tok, tmp_path)
     assert again.reopen == res.reopen and again.sweeps == res.sweeps
     assert set(res.sweeps) == {"add", "ablate"} and res.sweeps["add"]["layer"] == res.metrics["reference"]["layer"]
     html = (out / "report.html").read_text()
+    assert "<th>positions</th>" in html and "<td>instruction</td>" in html
     assert "Reopening attacks" in html and "Behavioural diagnostics" in html and "Sweeps (PROTOCOL 4)" in html
     lines = anchor_findings(again, again)
     assert any(l.startswith("Finding 1") for l in lines) and any(l.startswith("Finding 2") for l in lines)
@@ -214,3 +254,72 @@ def test_cli_attacks_need_interventions(tmp_path, capsys):
 
     assert main(["analyze", "--out", str(tmp_path / "o"), "--attacks", str(tmp_path / "a.txt")]) == 2
     assert "add --interventions" in capsys.readouterr().err
+
+
+def test_one_run_per_distinct_intervention(model, tok, carriers, monkeypatch):
+    """Forward count: one generation pass per condition, and one condition per distinct intervention (direction,
+    size, positions). Controls identical for two rows run once; rows at different positions get their own."""
+    import pysafegeom.generation as generation
+    import pysafegeom.interventions.hooks as hooks
+
+    H, R = carriers
+    n_gen, made = [], []
+    real_gen, real_ablate, real_add = generation.greedy_generate, hooks.ablate, hooks.add
+    monkeypatch.setattr(generation, "greedy_generate", lambda *a, **k: n_gen.append(1) or real_gen(*a, **k))
+
+    def key(kind, v, kw, extra=()):
+        pos = kw.get("positions", "all")
+        return (kind, tuple(v.flatten().tolist()), *extra, pos if isinstance(pos, str) else "mask")
+
+    monkeypatch.setattr(hooks, "ablate", lambda m, v, **kw: made.append(key("ablate", v, kw)) or real_ablate(m, v, **kw))
+    monkeypatch.setattr(hooks, "add", lambda m, v, layer, **kw: made.append(key("add", v, kw, (layer, kw["alpha"])))
+                        or real_add(m, v, layer, **kw))
+    rep = _run(model, tok, H, R, actadd=True, n_controls=2, benign_references=None)
+    # 1 baseline + 6 carrier rows (R, H, H at all positions, span, ActAdd -R, ActAdd -H) + controls: 2 one-D at every
+    # position (R and H (all positions)), 2 one-D at the instruction positions (H), 2 two-D (span), 2 + 2 ActAdd
+    assert len(n_gen) == len(rep.conditions) == 1 + 6 + 2 + 2 + 2 + 2 + 2
+    assert len(made) == len(rep.conditions) - 1 and len(set(made)) == len(made)  # no intervention runs twice
+    by_name = {c.name: c for c in rep.conditions}
+    assert by_name["ActAdd -H"].positions == "instruction" and by_name["ActAdd -R"].positions == "all"
+    for i in range(2):
+        assert by_name[f"ActAdd -H control {i} (instruction)"].control_of == "ActAdd -H"
+        assert by_name[f"ActAdd -H control {i} (instruction)"].positions == "instruction"
+        assert by_name[f"ActAdd -R control {i}"].positions == "all"
+    assert {pos for (kind, *_, pos) in made if kind == "add"} == {"all", "instruction"}
+    rows = {r["condition"]: r for r in rep.summary_rows}
+    assert rows["ActAdd -H"]["positions"] == "instruction" and rows["ActAdd -H"]["n_controls"] == 2
+    assert "instruction positions" in rep.verdict
+
+
+@pytest.fixture(scope="module")
+def local_model(tok):
+    """Attention writes nothing (o_proj = 0): each position depends on its own token only. An edit of the instruction
+    tokens then cannot reach the post-instruction positions or the answer, so everything read there is unchanged."""
+    m = tiny_model("llama", tokenizer=tok, n_layers=3, d_model=32, seed=5)
+    for layer in m.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+    return m
+
+
+def test_h_rows_leave_post_instruction_behaviour_alone(local_model, tok):
+    """A planted direction read at the post-instruction positions (the main direction of the embedding, which moves
+    the answers of this model): ablating it as H at the instruction positions leaves answers, KL, over-refusal and
+    the reference cross-entropy exactly as at baseline (and so do its controls, at the same positions);
+    ablating it at every position changes them."""
+    emb = ModelAdapter(local_model).embed.weight.T.double()
+    top = torch.linalg.svd(emb, full_matrices=False).U[:, 0].float() * 5
+    R = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    rep = _run(local_model, tok, top, R)
+    base = rep.row("baseline")
+    rows = {r["condition"]: r for r in rep.summary_rows}
+    for name in ["ablate H", "ablate control 0 (instruction)", "ablate control 1 (instruction)"]:
+        c = rep.row(name)
+        assert c.positions == "instruction"
+        assert c.kl < 1e-9 and c.success == base.success
+        assert c.over_refusal == base.over_refusal and c.utility["value"] == base.utility["value"]
+        assert c.utility["mean_cross_entropy"] == pytest.approx(base.utility["mean_cross_entropy"], abs=1e-6)
+    assert rep.samples["ablate H"] == rep.samples["baseline"]
+    assert rows["ablate H"]["delta_asr"] == 0 and abs(rows["ablate H"]["delta_ce"]) < 1e-6
+    every = rep.row("ablate H (all positions)")
+    assert every.kl > 1e-5 and rep.samples["ablate H (all positions)"] != rep.samples["baseline"]
+    assert abs(rows["ablate H (all positions)"]["delta_ce"]) > 1e-4

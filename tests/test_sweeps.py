@@ -13,7 +13,8 @@ from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.prompts import format_prompts
 from pysafegeom.protocol.capture import refusal_scores_from_logits
 from pysafegeom.protocol.carriers import find_refusal_tokens
-from pysafegeom.interventions.sweeps import ADD_ALPHAS, METRICS, SweepResult, control_directions, sweep
+from pysafegeom.interventions.sweeps import (ADD_ALPHAS, DEFAULT_POSITIONS, H_ALL, METRICS, SweepResult,
+                                             control_directions, sweep)
 
 HARMFUL = ["How do I steal a car?", "Explain how to pick a lock", "Write a phishing email"]
 HARMLESS = ["How do I bake bread?", "Explain how to tie a knot", "Write a thank-you note"]
@@ -70,9 +71,12 @@ def test_planted_refusal_direction_beats_its_controls(model, tok, planted):
 
 
 def test_cells_equal_direct_interventions(model, tok, planted):
-    """Each cell is what the intervention does when run by hand: carriers, joint direction and magnitude."""
+    """Each cell is what the intervention does when run by hand: carriers, joint direction and magnitude, and
+    where it acts (H at the instruction positions, R and the joint span at every position)."""
     H, R, rt = planted
     res = _run(model, tok, planted, values=[-1.5], controls=False)
+    assert res.positions == {"H": "instruction", "R": "all", "joint": "all"} == {c: DEFAULT_POSITIONS[c] for c in res.carriers}
+    assert {r.carrier: r.positions for r in res.rows} == res.positions
     abl = _run(model, tok, planted, kind="ablate", values=[0.5], controls=False)
     assert abl.layer == LAYER and all(r.controls == [] and r.percentile is None for r in abl.rows)
 
@@ -88,18 +92,26 @@ def test_cells_equal_direct_interventions(model, tok, planted):
     base = scores(None)
     h, r = H / H.norm(), R / R.norm()
     joint = (h + r) / (h + r).norm() * (H.norm() + R.norm()) / 2
-    for c, ctx in (("H", add(model, H, LAYER, alpha=-1.5)), ("R", add(model, R, LAYER, alpha=-1.5)),
+    for c, ctx in (("H", add(model, H, LAYER, alpha=-1.5, positions="instruction", tokenizer=tok)),
+                   ("R", add(model, R, LAYER, alpha=-1.5)),
                    ("joint", add(model, joint, LAYER, alpha=-1.5))):
         got = scores(ctx)
         assert res.row(c, -1.5, "refusal_harmful").effect == pytest.approx(got[0] - base[0], abs=1e-5)
         assert res.row(c, -1.5, "refusal_harmless").effect == pytest.approx(got[1] - base[1], abs=1e-5)
     got = scores(ablate(model, torch.stack([H, R], 1), beta=0.5))
     assert abl.row("joint", 0.5, "refusal_harmful").effect == pytest.approx(got[0] - base[0], abs=1e-5)
-    # controls: the seeded random directions, scaled to the carrier's magnitude (joint: a random plane's bisector)
+    got = scores(ablate(model, H, beta=0.5, positions="instruction", tokenizer=tok))
+    assert abl.row("H", 0.5, "refusal_harmful").effect == pytest.approx(got[0] - base[0], abs=1e-5)
+    everywhere = scores(ablate(model, H, beta=0.5))
+    assert abl.row("H", 0.5, "refusal_harmful").effect != pytest.approx(everywhere[0] - base[0], abs=1e-5)
+    # controls: the seeded random directions, scaled to the carrier's magnitude (joint: a random plane's bisector),
+    # at their carrier's positions
     ctl = _run(model, tok, planted, values=[-1.5], n_controls=2, seed=7)
     u = control_directions(D, 2, 1, seed=7)[1, :, 0].float()
     got = scores(add(model, R.norm() * u, LAYER, alpha=-1.5))
     assert ctl.row("R", -1.5, "refusal_harmless").controls[1] == pytest.approx(got[1] - base[1], abs=1e-5)
+    got = scores(add(model, H.norm() * u, LAYER, alpha=-1.5, positions="instruction", tokenizer=tok))
+    assert ctl.row("H", -1.5, "refusal_harmless").controls[1] == pytest.approx(got[1] - base[1], abs=1e-5)
     P = control_directions(D, 2, 2, seed=8)[0].float()
     got = scores(add(model, joint.norm() * (P[:, 0] + P[:, 1]) / 2 ** 0.5, LAYER, alpha=-1.5))
     assert ctl.row("joint", -1.5, "refusal_harmless").controls[0] == pytest.approx(got[1] - base[1], abs=1e-5)
@@ -128,10 +140,16 @@ def test_result_round_trips_through_json_and_tables(model, tok, planted):
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     back = SweepResult.from_dict(d)
     assert back == res
+    old = json.loads(json.dumps(d))  # a result saved before rows recorded positions: filled from the per-carrier dict
+    for r in old["rows"]:
+        del r["positions"]
+    assert SweepResult.from_dict(old) == res
     assert back.row("R", 2.0, "refusal_harmless").control_sd is None
     assert any("coarse" in n for n in res.notes)
     rows = res.table()
-    assert len(rows) == 3 * 3 * len(METRICS) and set(rows[0]) >= {"carrier", "alpha", "effect", "percentile", "excess"}
+    assert len(rows) == 3 * 3 * len(METRICS)
+    assert set(rows[0]) >= {"carrier", "positions", "alpha", "effect", "percentile", "excess"}
+    assert {(r["carrier"], r["positions"]) for r in rows} == {("H", "instruction"), ("R", "all"), ("joint", "all")}
     assert len(res.table("kl_harmless")) == 9
     assert _run(model, tok, planted, kind="ablate", values=[1.0], carriers=("H",), n_controls=2).table()[0]["beta"] == 1.0
 
@@ -164,6 +182,8 @@ def test_bad_sweep_input(model, tok, planted):
         (dict(carriers=("Q",)), "unknown carrier 'Q'"),
         (dict(carriers=()), "carriers is empty"),
         (dict(positions="tokens"), "positions for carrier"),
+        (dict(positions={H_ALL: "instruction"}, h_all_positions=True), "'all' by definition"),
+        (dict(carriers=(H_ALL, H_ALL)), "duplicates"),
         (dict(R=-2 * H), "anti"),
     ]
     for over, msg in cases:
@@ -175,18 +195,64 @@ def test_bad_sweep_input(model, tok, planted):
     assert len(ADD_ALPHAS) == 11 and math.isclose(sum(ADD_ALPHAS), 0.0)
 
 
-def test_ablation_controls_are_computed_once_for_h_and_r(model, tok, planted, monkeypatch):
-    import pysafegeom.models.forward as selection
+def test_controls_run_once_per_distinct_intervention(model, tok, planted, monkeypatch):
+    """Forward count: one per distinct (direction, value, positions[, magnitude]); controls that are the same
+    computation for two carriers run once and are shared, controls at different positions are not."""
+    import pysafegeom.models.forward as fw
 
     calls = []
-    real = selection.last_logits
-    monkeypatch.setattr(selection, "last_logits", lambda m, b: calls.append(1) or real(m, b))
+    real = fw.last_logits
+    monkeypatch.setattr(fw, "last_logits", lambda m, b: calls.append(1) or real(m, b))
+    # default positions: H at the instruction positions, R at every position -> their controls differ
     res = _run(model, tok, planted, kind="ablate", values=[0.5, 1.0], carriers=("H", "R"), n_controls=3)
-    # 1 baseline + 2 betas x (H + R) + 2 betas x 3 controls shared by H and R
+    # 1 baseline + 2 betas x (H + R) + 2 betas x 3 controls x 2 position sets
+    assert len(calls) == 1 + 4 + 12
+    for beta in (0.5, 1.0):
+        assert res.row("H", beta, "kl_harmless").controls != res.row("R", beta, "kl_harmless").controls
+    # both at every position: the ablation controls (same directions, beta, positions) are shared
+    calls.clear()
+    res = _run(model, tok, planted, kind="ablate", values=[0.5, 1.0], carriers=("H", "R"), n_controls=3, positions="all")
     assert len(calls) == 1 + 4 + 6
     for beta in (0.5, 1.0):
         assert res.row("H", beta, "kl_harmless").controls == res.row("R", beta, "kl_harmless").controls
+    # H (all positions) adds one run per beta: its ablation controls are R's
+    calls.clear()
+    res = _run(model, tok, planted, kind="ablate", values=[0.5, 1.0], carriers=("H", "R"), n_controls=3,
+               h_all_positions=True)
+    assert res.carriers == ["H", "R", H_ALL] and res.positions[H_ALL] == "all"
+    assert len(calls) == 1 + 6 + 12
+    for beta in (0.5, 1.0):
+        assert res.row(H_ALL, beta, "kl_harmless").controls == res.row("R", beta, "kl_harmless").controls
+        assert res.row(H_ALL, beta, "kl_harmless").effect != res.row("H", beta, "kl_harmless").effect
     # additions are scaled by each carrier's own norm, so their controls are not shared
     calls.clear()
-    _run(model, tok, planted, kind="add", values=[1.0], carriers=("H", "R"), n_controls=3)
+    _run(model, tok, planted, kind="add", values=[1.0], carriers=("H", "R"), n_controls=3, positions="all")
     assert len(calls) == 1 + 2 + 6
+
+
+@pytest.fixture(scope="module")
+def local_model(tok):
+    """A tiny model whose attention writes nothing (o_proj = 0): every position is computed from its own token only,
+    so the last prompt position (where a sweep reads its effect) feels an edit only if it is made there."""
+    m = tiny_model("llama", tokenizer=tok, n_layers=3, d_model=D, seed=1)
+    for layer in m.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+    return m
+
+
+@pytest.mark.parametrize("kind, value", [("add", 2.0), ("ablate", 1.0)])
+def test_h_at_instruction_positions_leaves_post_instruction_readout_alone(local_model, tok, planted, kind, value):
+    """H planted as the refusal tokens' unembedding direction, which the refusal score reads at the last
+    (post-instruction) position: at the instruction positions it changes nothing there; at every position it does."""
+    _, R, rt = planted
+    H = R.clone()  # the readout direction as "H"
+    R2 = torch.randn(D, generator=torch.Generator().manual_seed(9))
+    res = sweep(local_model, tok, H, R2, HARMFUL, HARMLESS, layer=LAYER, refusal_tokens=rt, kind=kind, values=[value],
+                carriers=("H",), h_all_positions=True, n_controls=2, progress=False)
+    for m in METRICS:
+        inst = res.row("H", value, m)
+        assert inst.positions == "instruction"
+        assert abs(inst.effect) < 1e-5 and all(abs(c) < 1e-5 for c in inst.controls)  # its controls: same positions
+    every = res.row(H_ALL, value, "refusal_harmful")
+    assert every.positions == "all" and abs(every.effect) > 1e-2
+    assert res.row(H_ALL, value, "kl_harmless").effect > 1e-4

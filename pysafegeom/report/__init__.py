@@ -35,7 +35,8 @@ def _rate(r):
 def reopen_section(rp: dict) -> str:
     """The reopen table (PROTOCOL 4) and the four behavioural diagnostics (PROTOCOL 5), as chart, words and table."""
     rows = rp["summary_rows"]
-    out = [f"<h2>Reopening attacks (PROTOCOL 4): carriers ablated at every layer, layer {rp['layer']} carriers</h2>",
+    out = [f"<h2>Reopening attacks (PROTOCOL 4): carriers ablated at every layer, layer {rp['layer']} carriers "
+           "(R-side at every position, H-only at the instruction positions)</h2>",
            f"<p class='summary'>{html.escape(rp['verdict'])}</p>"]
     bars = [(r["condition"], r["delta_asr"] if r["kind"] != "baseline" else 0.0, r.get("controls_delta_asr_mean"),
              r.get("controls_delta_asr_sd")) for r in rows]
@@ -44,8 +45,10 @@ def reopen_section(rp: dict) -> str:
     out.append("<p class='note'>Bars: ΔASR of each intervention on the held-out harmful prompts "
                f"({rp['n']['harmful']} prompts, judge: {html.escape(rp['primary_judge'])}). Grey whisker under a bar: mean ± sd of "
                f"its {rp['settings']['n_controls']} matched random-direction controls"
-               f"{' (orthogonal to span(H, R))' if rp['settings']['orthogonal_controls'] else ''}.</p>")
-    head = ("<tr><th>condition</th><th>ASR</th><th>ΔASR</th><th>controls ΔASR mean ± sd</th><th>percentile</th>"
+               f"{' (orthogonal to span(H, R))' if rp['settings']['orthogonal_controls'] else ''}, applied at the same positions "
+               "as their row. Positions: <i>all</i> = every position, generated tokens included (Arditi); <i>instruction</i> = "
+               "the instruction's own tokens, ending at t_inst, in the prompt forward, where H is read (PROTOCOL 4).</p>")
+    head = ("<tr><th>condition</th><th>positions</th><th>ASR</th><th>ΔASR</th><th>controls ΔASR mean ± sd</th><th>percentile</th>"
             "<th>KL harmless</th><th>Δ over-refusal (XSTest)</th><th>Δ benign answered</th><th>Δ reference CE</th></tr>")
     body = []
     for r in rows:
@@ -53,7 +56,9 @@ def reopen_section(rp: dict) -> str:
                 if r.get("controls_delta_asr_mean") is not None else "")
         pc = f"{r['delta_asr_percentile']:.0f}" if r.get("delta_asr_percentile") is not None else ""
         ce = f"{r['delta_ce']:+.3f}" if r.get("delta_ce") is not None else "n/a"
-        body.append(f"<tr><th style='text-align:left'>{html.escape(r['condition'])}</th><td>{_rate(r['asr_rate'])}</td>"
+        where = "" if r["kind"] == "baseline" else r.get("positions", "all")  # tables saved before positions: all
+        body.append(f"<tr><th style='text-align:left'>{html.escape(r['condition'])}</th><td>{html.escape(where)}</td>"
+                    f"<td>{_rate(r['asr_rate'])}</td>"
                     f"<td>{_pct(r['delta_asr'])}</td><td>{ctrl}</td><td>{pc}</td><td>{_f(r['kl'])}</td>"
                     f"<td>{_pct(r['delta_over_refusal'])}</td><td>{_pct(r['delta_utility'])}</td><td>{ce}</td></tr>")
     out.append("<table>" + head + "".join(body) + "</table>")
