@@ -110,3 +110,26 @@ def test_failed_build_is_one_line(setup_mod, tmp_path):
     plan = setup_mod.ExtensionPlan(True, False, "90", "/bin/false", "/fake/c++", "/fake/prefix", [])
     so, why = setup_mod.build_library(plan, tmp_path / "b")
     assert so is None and "configure step failed" in why and "\n" not in why
+
+
+def test_a_library_that_fails_to_load_is_said_once(tmp_path, monkeypatch):
+    """A built _C library that cannot load (stale build, another torch) warns once and info names why."""
+    import warnings
+
+    import torch
+
+    from pysafegeom.ops import _ext
+
+    bad = tmp_path / "_C.fake.so"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_ext, "_state", None)
+    monkeypatch.setattr(_ext, "library_path", lambda: str(bad))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ok, why = _ext.load()
+        again = _ext.load()
+    assert not ok and "failed to load" in why and str(bad) in why and again == (ok, why)
+    assert [x.category for x in w] == [_ext.ExtensionLoadWarning]
+    assert "failed to load" in _ext.build_info()
+    monkeypatch.setattr(_ext, "_state", None)  # let the real library load again for later tests
+    assert torch is not None

@@ -14,6 +14,10 @@ import torch
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the pysafegeom package folder
 _state: tuple[bool, str] | None = None
 
+class ExtensionLoadWarning(RuntimeWarning):
+    """A built ``_C`` library exists but cannot be loaded (said once per process)."""
+
+
 NOT_BUILT = ("extension not built: run `make install` or `pip install --no-build-isolation -e .` "
              "(needs cmake, a C++ compiler and torch at build time)")
 
@@ -36,9 +40,14 @@ def load() -> tuple[bool, str]:
                 torch.ops.load_library(path)
                 torch.ops.pysafegeom.build_info()
                 _state = (True, "")
-            except Exception as exc:  # a stale build against another torch, a missing symbol, ...
+            except (OSError, RuntimeError, AttributeError) as exc:  # a stale build against another torch, a missing symbol
                 _state = (False, f"extension at {path} failed to load ({type(exc).__name__}: {exc}); "
                                  "rebuild it with `make install` against this torch")
+                # a library that is there but cannot load is said once, on first use (and in `pysafegeom info`)
+                import warnings
+
+                warnings.warn(f"pysafegeom: {_state[1]}; the PyTorch reference ops run instead", ExtensionLoadWarning,
+                              stacklevel=3)
     return _state
 
 

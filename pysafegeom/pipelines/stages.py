@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,7 +226,8 @@ class StageStore:
             return None
         try:
             blob = torch.load(f, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign artifact is recomputed, and said so
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            # a truncated or foreign artifact is recomputed, and said so
             self.stale.append(f"{name} (unreadable: {type(exc).__name__})")
             return None
         if blob.get("fingerprint") != self.fp:
