@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from .. import validate as V
 from ..models import ModelAdapter
 from ..models.forward import forward
 from ..prompts import encode_prompts, pad_prompts
@@ -145,6 +146,11 @@ def capture(
     encoded = {name: v if isinstance(v, EncodedPrompts) else
                encode_prompts(tokenizer, v, template=template, system=system, max_length=max_ctx)
                for name, v in sets.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for name in names:  # a tokenizer of another model would otherwise end in an "index out of range" deep in torch
+        V.token_ids_fit(model, encoded[name].rows, what=f"the prompts of set {name!r}", extra={"the pad token": pad})
+    if refusal_tokens is not None:
+        V.token_ids_fit(model, [list(refusal_tokens)], what="refusal_tokens")
     sets = {name: encoded[name].instructions for name in names}
     items = [(s, i, len(row)) for s, name in enumerate(names) for i, row in enumerate(encoded[name].rows)]
     n_post = len(encoded[names[0]].split.suffix_ids)

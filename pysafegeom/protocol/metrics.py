@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidArgument
+
 __all__ = [
     "unit",
     "coupling",
@@ -30,6 +32,7 @@ __all__ = [
     "subspace_coupling",
     "difference_of_means",
     "low_rank_basis",
+    "delta_rank",
     "effective_rank",
     "spearman",
     "process_correlation",
@@ -231,6 +234,23 @@ def difference_of_means(X_pos: torch.Tensor, X_neg: torch.Tensor) -> torch.Tenso
     return X_pos.mean(0) - X_neg.mean(0)
 
 
+def _rank_of(s: torch.Tensor, n: int, d: int, eps: float) -> int:
+    """Numerical rank from singular values ``s`` (descending) of an ``[n, d]`` matrix: ``s > s_max * max(n, d) * eps``."""
+    return int((s > s[0] * max(n, d) * eps).sum()) if s.numel() and s[0] > 0 else 0
+
+
+def delta_rank(X_pos: torch.Tensor, mu_neg: torch.Tensor) -> int:
+    """Numerical rank of Δ = X_pos − μ(D⁻), with the tolerance :func:`low_rank_basis` uses: the largest k it accepts.
+
+    ``X_pos [n, d]``, ``mu_neg [d]``. 0 when Δ is zero (every row equals ``mu_neg``).
+    """
+    eps = max(_eps(X_pos), _eps(mu_neg))
+    X_pos, mu_neg = _tensor(X_pos, "X_pos", 2), _tensor(mu_neg, "mu_neg", 1)
+    _same_width(X_pos.shape[1], mu_neg.shape[0], "X_pos", "mu_neg")
+    n, d = X_pos.shape
+    return _rank_of(torch.linalg.svd(X_pos - mu_neg, full_matrices=False)[1], n, d, eps)
+
+
 def low_rank_basis(X_pos: torch.Tensor, mu_neg: torch.Tensor, k: int = 3) -> torch.Tensor:
     """Low-rank carrier Q ``[d, k]``: the top-k right singular vectors of Δ = X_pos − μ(D⁻) (PROTOCOL.md 2.3).
 
@@ -256,8 +276,13 @@ def low_rank_basis(X_pos: torch.Tensor, mu_neg: torch.Tensor, k: int = 3) -> tor
         raise ValueError(f"k = {k} exceeds min(n, d) = min({n}, {d}); Δ has at most that many directions")
     delta = X_pos - mu_neg
     _, s, Vh = torch.linalg.svd(delta, full_matrices=False)
-    rank = int((s > s[0] * max(n, d) * eps).sum()) if s[0] > 0 else 0
+    rank = _rank_of(s, n, d, eps)
     if k > rank:
+        distinct = int(torch.unique(X_pos, dim=0).shape[0])
+        if distinct < n:  # the usual cause: the same prompt several times gives the same activation rows
+            raise InvalidArgument(f"k = {k} exceeds the numerical rank {rank} of Δ = X_pos - mu_neg because X_pos has only "
+                             f"{distinct} distinct rows among {n}: the prompts are duplicates (identical prompts give "
+                             f"identical activations); deduplicate the prompt set, or use k <= {rank}")
         raise ValueError(f"k = {k} exceeds the numerical rank {rank} of Δ = X_pos - mu_neg; use k <= {rank}")
     Q = Vh[:k].T.clone()  # [d, k]
     m = delta.mean(0)
