@@ -60,13 +60,13 @@ def _cmd_demo(args) -> int:
     from .pipelines.analyze import analyze, anchor_findings, load_result
     from .report import render_comparison
 
+    out = _claim_demo_dir(Path(args.out), args.overwrite)  # before any work
     t_all = time.perf_counter()
     print(info.render(info.collect()))
     print()
     _show_positions(args.base, [p.text for p in _default_examples()], None, None)
     opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "interventions": not args.no_interventions,
             "n_controls": args.n_controls, "max_new_tokens": args.max_new_tokens, "n_behaviour": args.n_behaviour}
-    out = Path(args.out)
     results = {}
     for label, spec in (("base", args.base), ("anchor", args.anchor)):
         sub = out / label
@@ -82,7 +82,7 @@ def _cmd_demo(args) -> int:
               + (f", reopen table with {args.n_controls} matched controls and the four behavioural diagnostics" if opts["interventions"] else "")
               + " ...", flush=True)
         res = analyze(spec, **opts)
-        res.save(sub)
+        res.save(sub, overwrite=args.overwrite)
         results[label] = res
         print("\n".join("  " + line for line in res.metrics["summary"]))
     findings = anchor_findings(results["anchor"], results["base"])
@@ -92,6 +92,23 @@ def _cmd_demo(args) -> int:
     print("\n".join("  " + f for f in findings))
     print(f"\nreport: {out / 'report.html'}  (demo run time {time.perf_counter() - t_all:.0f} s)")
     return 0
+
+
+def _claim_demo_dir(out, overwrite: bool):
+    """Check the demo folder and its base/ and anchor/ results may be written, then mark it (OutputExists if not).
+
+    A demo folder written before markers existed (only base/, anchor/ and report.html in it) is accepted."""
+    from ._io import check_output_path, mark_dir, read_marker
+
+    legacy = (out.is_dir() and read_marker(out) is None and any((out / s / "result.json").is_file() for s in ("base", "anchor"))
+              and {p.name for p in out.iterdir()} <= {"base", "anchor", "report.html"})
+    check_output_path(out, overwrite or legacy, "dir", content="demo")
+    for label in ("base", "anchor"):
+        check_output_path(out / label, overwrite or legacy, "dir", content="analysis")
+    out.mkdir(parents=True, exist_ok=True)
+    if (read_marker(out) or {}).get("content") != "demo":
+        mark_dir(out, "demo")
+    return out
 
 
 def _cmd_analyze(args) -> int:
@@ -124,6 +141,7 @@ def _cmd_train(args) -> int:
     from .data import load_default
     from .models import load_model
     from .train import TrainConfig, build_safety_dataset, run
+    from .train.sft import claim_out_dir
 
     def ints(text):
         return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
@@ -133,16 +151,16 @@ def _cmd_train(args) -> int:
                       grad_accum=args.grad_accum, steps=args.steps, save_at=ints(args.save_at), seed=args.seed,
                       max_len=args.max_len)
     cfg.validate()
+    out = claim_out_dir(Path(args.out), overwrite=args.overwrite, create=False)  # before the model loads
     model, tok = load_model(args.model, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out, overwrite=args.overwrite)
     harmful = load_default("harmful", "train") if args.harmful is None else _read_prompts(args.harmful)
     harmless = load_default("harmless", "train") if args.harmless is None else _read_prompts(args.harmless)
     examples = build_safety_dataset(model, tok, harmful, harmless, refusals=cfg.refusal_phrasings,
                                     answers_file=args.answers, cache_file=out / "distill.jsonl",
                                     max_new_tokens=args.distill_tokens)
     print(f"{len(examples)} examples ({len(harmful)} refusals, {len(harmless)} helpful answers) -> {out}", file=sys.stderr)
-    res = run(model, tok, examples, cfg, out, resume=args.resume, base_spec=args.model)
+    res = run(model, tok, examples, cfg, out, resume=args.resume, base_spec=args.model, overwrite=args.overwrite)
     print(f"done: {cfg.steps} steps in {res.seconds:.0f} s ({res.tokens_per_s:.0f} tokens/s), final loss "
           f"{res.losses[-1]:.4f}; checkpoints: {', '.join(str(s) for s in res.checkpoints)}; final: {res.final_checkpoint}")
     return 0
@@ -186,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--xstest", default=None, help="safe-but-scary prompts file, e.g. XSTest CSV (default: the bundled set)")
     s.add_argument("--out", required=True, help="output folder (written atomically; an existing folder is replaced only "
                    "if pysafegeom wrote it, else pass --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a folder pysafegeom wrote "
+                   "(checked before the model loads)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted analysis of the same model, options and "
                    "prompts at the stage it reached (stage artifacts are kept beside --out until the result is saved)")
     s.add_argument("--allow-overlap", action="store_true", help="run even when the model was trained on some of the "
@@ -211,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the full protocol on the unaligned base and the aligned anchor, side by side in one report")
     s.add_argument("--base", "--model", dest="base", default=DEFAULT_MODEL, help=f"unaligned model (default: {DEFAULT_MODEL})")
     s.add_argument("--anchor", default="smollm2-135m-safety", help="aligned anchor (default: smollm2-135m-safety, shipped)")
-    s.add_argument("--out", default="demo_out", help="where the results and report go (default: demo_out)")
+    s.add_argument("--out", default="demo_out", help="where the results and report go (default: demo_out); a folder "
+                   "that pysafegeom did not write is refused unless --overwrite")
+    s.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a pysafegeom demo folder")
     s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
     s.add_argument("--layer-stride", type=int, default=3, help="search every n-th layer (default 3)")
     s.add_argument("--n-controls", type=int, default=3, help="matched random controls per reopen row (default 3)")
@@ -228,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "--steps 100 --save-at 50,100")
     s.add_argument("--recipe", default="sft", help="training recipe (default: sft)")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model (default: {DEFAULT_MODEL})")
-    s.add_argument("--out", required=True, help="output folder: checkpoint-STEP/ folders and distill.jsonl")
+    s.add_argument("--out", required=True, help="output folder: checkpoint-STEP/ folders and distill.jsonl (a folder "
+                   "that is not a pysafegeom training run is refused unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a pysafegeom training "
+                   "folder (nothing in it is deleted)")
     s.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     s.add_argument("--save-at", default="", help="comma-separated steps to checkpoint at (the last is always saved)")
     s.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as exc:
         print(f"pysafegeom {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -486,7 +486,8 @@ def _untie_in_config(config) -> None:
         cfg.tie_word_embeddings = False
 
 
-def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: str | os.PathLike) -> Path:
+def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: str | os.PathLike, *,
+                          overwrite: bool = False) -> Path:
     """Write ``model`` with ``direction`` orthogonalised out of its weights as a new Hugging Face folder.
 
     The folder (config, safetensors, tokenizer) appears atomically and loads with plain
@@ -494,9 +495,14 @@ def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: st
     (full ablation, all layers and positions) up to float rounding. A head tied to the token embedding is
     saved as its own (unedited) weight, with ``tie_word_embeddings=False`` in the exported config. The
     in-memory model is unchanged afterwards. Returns the folder.
-    """
-    from .._io import atomic_dir
 
+    An existing ``out_dir`` is replaced only if it is a model folder this package exported (or is
+    empty); anything else raises :class:`~pysafegeom.errors.OutputExists` before any work, unless
+    ``overwrite=True``.
+    """
+    from .._io import atomic_dir, check_output_path
+
+    out_dir = check_output_path(out_dir, overwrite, "dir", content="model")
     ad = ModelAdapter(model)
     tied = _shares_storage(ad.lm_head.weight, ad.embed.weight)
     config = model.config
@@ -505,10 +511,10 @@ def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: st
             if tied:
                 model.config = copy.deepcopy(config)
                 _untie_in_config(model.config)
-            with atomic_dir(out_dir) as tmp:
+            with atomic_dir(out_dir, content="model") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
         finally:
             model.config = config
-    return Path(out_dir)
+    return out_dir

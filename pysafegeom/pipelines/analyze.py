@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_output_path, recover
 from ..protocol import metrics as M
 from ..protocol.capture import capture
 from ..protocol.carriers import Carriers, fit_carriers
@@ -91,16 +91,18 @@ class AnalysisResult:
             "sweeps": self.sweeps,
         }
 
-    def save(self, out_dir: str | os.PathLike, report: bool = True) -> Path:
+    def save(self, out_dir: str | os.PathLike, report: bool = True, *, overwrite: bool = False) -> Path:
         """Write ``result.json``, ``carriers.safetensors`` and ``report.html`` into ``out_dir`` atomically.
 
-        Everything is written to a temporary folder beside ``out_dir`` and renamed into place, so an
-        interrupted save never leaves a half-written folder (an existing ``out_dir`` is replaced).
+        Everything is written to a temporary folder beside ``out_dir`` and swapped into place, so an
+        interrupted save never leaves a half-written folder. An existing ``out_dir`` is replaced only if it
+        is an analysis folder this package wrote (or is empty); anything else raises
+        :class:`~pysafegeom.errors.OutputExists` unless ``overwrite=True`` (:func:`pysafegeom._io.check_output_path`).
         """
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        with atomic_dir(out) as tmp:
+        out = check_output_path(out_dir, overwrite, "dir", content="analysis")
+        with atomic_dir(out, content="analysis") as tmp:
             (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
                        "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous(),
@@ -118,6 +120,7 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
     from safetensors.torch import load_file
 
     p = Path(path)
+    recover(p)  # an interrupted save of p is repaired first
     if not (p / "result.json").is_file():
         raise FileNotFoundError(f"{p} holds no result.json: not a folder written by AnalysisResult.save")
     d = json.loads((p / "result.json").read_text())
@@ -219,12 +222,7 @@ def analyze(
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder whose stage artifacts to resume from)")
     if out is not None:
-        try:
-            from .._io import check_output_path
-        except ImportError:  # pragma: no cover
-            check_output_path = None
-        if check_output_path is not None:
-            check_output_path(out, overwrite=overwrite, kind="dir")
+        check_output_path(out, overwrite=overwrite, kind="dir", content="analysis")
     t_start = time.perf_counter()
     if not loaded:
         spec = str(model)
@@ -351,10 +349,7 @@ def analyze(
                          _nan_to_none(mt["separation"]), reopen, sweeps, mt["Q_H_layers"], mt["Q_R_layers"])
     res.metrics["summary"] = summarize(res)
     if out is not None:
-        try:
-            res.save(out, overwrite=True)  # checked (or allowed) before any work started
-        except TypeError:  # pragma: no cover - save() without the overwrite rule
-            res.save(out)
+        res.save(out, overwrite=True)  # checked (or allowed) before any work started
         store.remove()
     return res
 

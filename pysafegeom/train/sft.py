@@ -22,14 +22,13 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_output_path, mark_dir, read_marker, recover_all
 from ..models.provenance import attach_training_prompts, read_training_prompts, training_prompts, write_training_prompts
 from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
 
@@ -233,6 +232,29 @@ def checkpoints(out_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
+def claim_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, create: bool = True) -> Path:
+    """Check that ``out_dir`` may hold a training run, and (``create=True``) make it one.
+
+    Accepted: a missing or empty folder, a training folder this package wrote (its marker says
+    "training"; resuming into it is fine), or one written before markers existed (it holds
+    ``checkpoint-N/trainer_state.pt``). Anything else raises :class:`~pysafegeom.errors.OutputExists`
+    unless ``overwrite=True``, which allows writing into it (nothing in it is deleted; checkpoints of the
+    same steps are replaced). ``create=True`` makes the folder, writes the marker and repairs what an
+    interrupted checkpoint save left (:func:`pysafegeom._io.recover_all`). Call it with ``create=False``
+    before any work starts.
+    """
+    out = Path(out_dir)
+    legacy = out.is_dir() and read_marker(out) is None and bool(checkpoints(out))
+    if not legacy:
+        check_output_path(out, overwrite, "dir", content="training")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        recover_all(out)
+        if (read_marker(out) or {}).get("content") != "training":
+            mark_dir(out, "training")
+    return out
+
+
 def _has_chat_template(tokenizer, template) -> None:
     from ..prompts import split_template
 
@@ -264,7 +286,7 @@ def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, con
                      step: int, cursor: int, losses: list[float], base_spec: str | None,
                      training_prompts: list[str] = ()) -> Path:
     final = out_dir / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, content="checkpoint") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if config.lora:
             cfg_path = tmp / "adapter_config.json"
@@ -307,7 +329,7 @@ def _load_weights(model, ckpt: Path, config: TrainConfig) -> None:
 
 def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: str | os.PathLike = "train_out", *,
         resume: bool = False, progress: bool = True, callback=None, device=None,
-        base_spec: str | None = None) -> TrainResult:
+        base_spec: str | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``model`` on ``examples`` with ``config`` and write checkpoints to ``out_dir``.
 
     model: a spec for :func:`~pysafegeom.models.load_model` (name, folder, .gguf) or a loaded model (then
@@ -317,8 +339,11 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     resume: continue from the latest checkpoint in ``out_dir`` (same config) instead of starting over.
     callback: ``callback(step, loss)`` after every optimizer step (raise from it to stop the run).
     base_spec: the name LoRA checkpoints give as their base (default: the spec, or the loaded model's path).
+    overwrite: write into an ``out_dir`` that is not a training folder of this package (see :func:`claim_out_dir`;
+        otherwise such a folder raises :class:`~pysafegeom.errors.OutputExists` before any work starts).
     """
     config = (config or TrainConfig()).validate()
+    claim_out_dir(out_dir, overwrite=overwrite, create=False)
     examples = as_examples(examples)
     if not examples:
         raise ValueError("empty dataset: no training examples")
@@ -342,10 +367,7 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     if not any(any(l != IGNORE for l in r["labels"]) for r in rows):
         raise ValueError("empty dataset: no example has a response token to train on")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".checkpoint-*.tmp-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    out_dir = claim_out_dir(out_dir, overwrite=overwrite)  # also repairs a checkpoint save cut by a kill
 
     model = _prepare_model(model, config, base_spec)
     dev = next(model.parameters()).device
