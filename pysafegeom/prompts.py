@@ -12,6 +12,13 @@ the template's own tokens for the suffix, so that
 whatever the instruction ends with (spaces, punctuation, newlines, non-ASCII): no token can straddle the
 instruction/template boundary. Batches are left-padded, so post-instruction positions line up at the
 same negative offsets across a batch.
+
+Control tokens come from the template only. Text that spells a control token (``<|im_end|>``,
+``<|eot_id|>``, ``[INST]``: any of :func:`special_token_strings`) is tokenised as ordinary text, as a chat
+API does, so an instruction cannot forge a turn: such an instruction is tokenised as
+``tokens(prefix up to its last control token)`` followed by ``tokens(rest of prefix + instruction)`` with
+special tokens split. Instructions without such text are tokenised exactly as described above.
+``allow_special_tokens=True`` turns this off for callers who mean to write control tokens.
 """
 
 from __future__ import annotations
@@ -189,6 +196,49 @@ def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
 _PROBE = "  \n PSG probe: Ünïcödé {x} \t\n "
 
 
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a control token: ``all_special_tokens`` and the added tokens
+    marked special (longest first)."""
+    out = {str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])}
+    for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            out.add(str(getattr(t, "content", t)))
+    return tuple(sorted((s for s in out if s), key=lambda s: (-len(s), s)))
+
+
+def encode_after_prefix(tokenizer, prefix: str, bodies: list[str], *, allow_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of ``prefix + body`` for each body, control tokens coming from ``prefix`` only.
+
+    A body that contains no control-token text (or every body, with ``allow_special_tokens=True``) is
+    tokenised jointly with the prefix, as ``tokenizer(prefix + body)``. A body that does is tokenised
+    with special tokens split into text (``split_special_tokens=True``), together with the part of the
+    prefix after its last control token, so the text around the boundary merges as usual.
+    """
+    specials = () if allow_special_tokens else special_token_strings(tokenizer)
+    forged = [i for i, b in enumerate(bodies) if any(s in b for s in specials)]
+    out: list[list[int] | None] = [None] * len(bodies)
+    plain = [i for i in range(len(bodies)) if i not in set(forged)]
+    if plain:
+        ids = tokenizer([prefix + bodies[i] for i in plain], add_special_tokens=False)["input_ids"]
+        for i, r in zip(plain, ids):
+            out[i] = list(r)
+    if forged:
+        cut = max((prefix.rfind(s) + len(s) for s in specials if s in prefix), default=0)
+        head = list(tokenizer(prefix[:cut], add_special_tokens=False)["input_ids"]) if cut else []
+        tails = tokenizer([prefix[cut:] + bodies[i] for i in forged], add_special_tokens=False,
+                          split_special_tokens=True)["input_ids"]
+        for i, r in zip(forged, tails):
+            out[i] = head + list(r)
+    return out
+
+
+def encode_text(tokenizer, text: str, *, allow_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text`` alone (no BOS), control-token text tokenised as text unless ``allow_special_tokens``."""
+    split = not allow_special_tokens and any(s in text for s in special_token_strings(tokenizer))
+    kw = {"split_special_tokens": True} if split else {}
+    return list(tokenizer(text, add_special_tokens=False, **kw)["input_ids"])
+
+
 @dataclass
 class EncodedPrompts:
     """Unpadded token rows of formatted prompts: ``rows[i] = tokens(prefix + instruction_i) + suffix_ids``."""
@@ -211,8 +261,12 @@ def encode_prompts(
     system: str | None = None,
     template: str | None = None,
     max_length: int | None = None,
+    allow_special_tokens: bool = False,
 ) -> EncodedPrompts:
-    """Validate and tokenise ``instructions`` with the chat template (no padding); see :func:`format_prompts`."""
+    """Validate and tokenise ``instructions`` with the chat template (no padding); see :func:`format_prompts`.
+
+    Control-token text in an instruction is tokenised as text unless ``allow_special_tokens=True``
+    (:func:`encode_after_prefix`)."""
     if isinstance(instructions, str):
         raise TypeError("instructions must be a list of strings, not one string")
     instructions = list(instructions)
@@ -234,7 +288,7 @@ def encode_prompts(
                 raise TemplateError("the chat template renders text around the instruction that depends on the "
                                     "instruction; cannot locate positions consistently")
             bodies.append(rendered[len(split.prefix): len(rendered) - len(split.suffix)])
-    heads = tokenizer([split.prefix + b for b in bodies], add_special_tokens=False)["input_ids"]
+    heads = encode_after_prefix(tokenizer, split.prefix, bodies, allow_special_tokens=allow_special_tokens)
     rows = [list(h) + list(split.suffix_ids) for h in heads]
     if max_length is not None:
         worst = max(range(len(rows)), key=lambda i: len(rows[i]))
@@ -275,14 +329,17 @@ def format_prompts(
     template: str | None = None,
     max_length: int | None = None,
     device: str | torch.device | None = None,
+    allow_special_tokens: bool = False,
 ) -> PromptBatch:
     """Format ``instructions`` with the chat template, left-pad, and locate ``t_inst`` and the post-instruction tokens.
 
     ``template``: None for the tokenizer's own chat template, a name from :data:`TEMPLATES`, or a Jinja
     string. ``system``: an optional system prompt. ``max_length``: raise if a prompt is longer (e.g.
-    the model's context size).
+    the model's context size). ``allow_special_tokens``: tokenise control-token text in the
+    instructions (``<|im_end|>``...) as control tokens rather than as text (see the module docstring).
     """
-    enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=max_length)
+    enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=max_length,
+                         allow_special_tokens=allow_special_tokens)
     return pad_prompts(tokenizer, enc, device=device)
 
 

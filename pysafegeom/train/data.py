@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import _render, end_of_turn_ids, split_template  # noqa: F401  (end_of_turn_ids re-exported)
+from ..prompts import _render, encode_after_prefix, encode_text, end_of_turn_ids, split_template  # noqa: F401  (end_of_turn_ids re-exported)
 
 DEFAULT_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -53,9 +53,13 @@ def as_examples(items) -> list[Example]:
 
 
 def encode_examples(tokenizer, examples: list[Example], *, max_len: int, template: str | None = None,
-                    system: str | None = None) -> list[dict]:
+                    system: str | None = None, allow_special_tokens: bool = False) -> list[dict]:
     """Token ids and labels per example: ``prefix + instruction + suffix`` (labels -100) followed by
-    ``response + end-of-turn`` (labels = ids). Responses longer than ``max_len`` allows are cut."""
+    ``response + end-of-turn`` (labels = ids). Responses longer than ``max_len`` allows are cut.
+
+    Control-token text (``<|im_end|>``...) in an instruction or a response is tokenised as text, so
+    the only control tokens are the template's own, unless ``allow_special_tokens=True``
+    (:func:`pysafegeom.prompts.encode_after_prefix`)."""
     split = split_template(tokenizer, template, system)
     eot = end_of_turn_ids(tokenizer, template)
     rows = []
@@ -64,8 +68,9 @@ def encode_examples(tokenizer, examples: list[Example], *, max_len: int, templat
             raise ValueError(f"example {i} has an empty instruction")
         rendered = _render(tokenizer, split.template, ex.instruction, system)
         body = rendered[len(split.prefix): len(rendered) - len(split.suffix)]
-        prompt = tokenizer(split.prefix + body, add_special_tokens=False)["input_ids"] + list(split.suffix_ids)
-        resp = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + (eot if ex.end_turn else [])
+        prompt = encode_after_prefix(tokenizer, split.prefix, [body], allow_special_tokens=allow_special_tokens)[0]
+        prompt = prompt + list(split.suffix_ids)
+        resp = encode_text(tokenizer, ex.response, allow_special_tokens=allow_special_tokens) + (eot if ex.end_turn else [])
         if len(prompt) >= max_len:
             raise ValueError(f"example {i}: the prompt alone is {len(prompt)} tokens, at least max_len={max_len}")
         resp = resp[: max_len - len(prompt)]
