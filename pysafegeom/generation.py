@@ -167,6 +167,29 @@ def _check(max_new_tokens, min_new_tokens, batch_size, do_sample, temperature, t
         raise ValueError("stop_strings must be non-empty strings")
 
 
+def context_length(model) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``, or GPT-2's ``n_positions``, of its
+    text config); None when the config gives neither (then generation is not capped)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+_FIRST_CHUNK = 64  # generated-token buffer columns allocated first; doubled when full
+
+
+def _grow(gen: torch.Tensor, full_mask: torch.Tensor, max_new_tokens: int, pad: int):
+    """Double the ``[B, n]`` generated-token buffer (pad-filled) and the attention mask (ones), up to the budget."""
+    extra = min(max_new_tokens, 2 * gen.shape[1]) - gen.shape[1]
+    return (torch.cat([gen, gen.new_full((gen.shape[0], extra), pad)], dim=1),
+            torch.cat([full_mask, full_mask.new_ones(full_mask.shape[0], extra)], dim=1))
+
+
 def generate(
     model,
     tokenizer,
@@ -185,10 +208,14 @@ def generate(
     stop_strings: list[str] | str | None = None,
     progress: bool = True,
     return_details: bool = False,
+    allow_special_tokens: bool = False,
 ) -> list[str] | GenerationResult:
     """Answer each instruction under the chat template; greedy unless ``do_sample``.
 
-    ``max_new_tokens``: the most tokens per answer (>= 1). ``min_new_tokens``: stop tokens are masked
+    ``max_new_tokens``: the most tokens per answer (>= 1); the longest formatted prompt plus
+    ``max_new_tokens`` must fit the model's context length (:func:`context_length`), else
+    :class:`~pysafegeom.errors.InvalidArgument` (buffers grow as answers do, so a large budget that fits
+    costs nothing until it is used). ``min_new_tokens``: stop tokens are masked
     out until this many have been generated (``min_new_tokens=max_new_tokens`` makes every answer the
     full length, e.g. for timing). ``batch_size``: prompts per forward (sorted by length, so batches
     carry little padding). ``template``/``system``: as :func:`pysafegeom.prompts.format_prompts`.
@@ -197,12 +224,15 @@ def generate(
     the module docstring for what is guaranteed. ``stop_strings``: also end a row when its decoded
     answer contains one of these (checked every step for the unfinished rows, which costs a host sync
     and a decode per step; the answer is cut before the match). ``progress``: a tqdm bar over prompts.
+    ``allow_special_tokens``: let control tokens written in the instructions (``<|im_end|>``...) be
+    tokenised as control tokens (default: as text; :func:`pysafegeom.prompts.encode_prompts`).
 
     Returns the answers (special tokens dropped, whitespace stripped) in input order, or with
     ``return_details=True`` a :class:`GenerationResult` (token ids, stop reasons, timing).
     """
     from tqdm.auto import tqdm
 
+    from .errors import InvalidArgument as _InvalidArgument
     from .prompts import encode_prompts, pad_prompts
 
     t0 = time.perf_counter()
@@ -214,8 +244,14 @@ def generate(
     instructions = list(instructions)
     if not instructions:
         raise ValueError("no instructions to generate for: the list is empty")
-    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=max_len)
+    ctx = context_length(model)
+    enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=ctx,
+                         allow_special_tokens=allow_special_tokens)
+    longest = max(len(r) for r in enc.rows)
+    if ctx is not None and longest + max_new_tokens > ctx:
+        raise _InvalidArgument(
+            f"max_new_tokens={max_new_tokens} does not fit: the longest prompt is {longest} tokens and the model's "
+            f"context length is {ctx} tokens, so at most {ctx - longest} new tokens fit after it")
     device = next(model.parameters()).device
     stops = torch.tensor(stop_token_ids(tokenizer, template), dtype=torch.long, device=device)
     stop_set = frozenset(stops.tolist())
@@ -242,14 +278,15 @@ def generate(
                 batch = pad_prompts(tokenizer, enc, idx, device=device)
                 ids, mask = batch.input_ids, batch.attention_mask
                 B, T = ids.shape
-                full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
+                cap = min(max_new_tokens, _FIRST_CHUNK)  # the buffers grow as the answers do
+                full_mask = torch.cat([mask, mask.new_ones(B, cap)], dim=1)
                 pos = (mask.cumsum(-1) - 1).clamp_(min=0)
                 out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill_extra)
                 cache = getattr(out, cache_kw)
                 logits = out.logits[:, -1, :]
                 last = pos[:, -1:]
                 keys = _row_keys(seed, torch.tensor(idx, dtype=torch.long, device=device)) if do_sample else None
-                gen = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+                gen = torch.full((B, cap), pad, dtype=torch.long, device=device)
                 done = torch.zeros(B, dtype=torch.bool, device=device)
                 row_stop = [None] * B  # STOP_STRING where a stop string ended the row
                 steps = 0
@@ -261,6 +298,8 @@ def generate(
                     else:
                         nxt = logits.argmax(-1)
                     nxt = nxt.masked_fill(done, pad)
+                    if step == gen.shape[1]:
+                        gen, full_mask = _grow(gen, full_mask, max_new_tokens, pad)
                     gen[:, step] = nxt
                     steps = step + 1
                     done |= (nxt[:, None] == stops).any(-1)
