@@ -33,6 +33,7 @@ from ..errors import DataOverlap, InvalidArgument
 from ..models.provenance import overlap, prompt_key, training_prompts
 from ..protocol import metrics as M
 from ..protocol.capture import Capture
+from ..protocol.carriers import fit_subspace, layer_subspaces
 
 # --------------------------------------------------------------------------------------------- sets
 
@@ -277,29 +278,6 @@ def per_layer_coupling(H: torch.Tensor, R: torch.Tensor) -> list[float]:
     return out
 
 
-def fit_rows(cap: Capture, filtered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean row masks ``(harmful, harmless)`` of the prompts R was fitted on (behaviour-filtered or all)."""
-    nh, nl = cap.count("harmful"), cap.count("harmless")
-    if filtered and cap.scores:
-        return cap.scores["harmful"] > 0, cap.scores["harmless"] <= 0
-    return torch.ones(nh, dtype=torch.bool), torch.ones(nl, dtype=torch.bool)
-
-
-def subspace(cap: Capture, li: int, position: str, k: int, filtered: bool) -> tuple[torch.Tensor, int]:
-    """Q ``[d, k']`` (PROTOCOL 2.3) at layer index ``li`` and ``position``, fitted on the same (filtered or not)
-    prompts as R; ``k'`` is ``k`` reduced to the numerical rank of the differences when they have fewer directions."""
-    pos_rows, neg_rows = fit_rows(cap, filtered)
-    X = cap.per_prompt["harmful"][position][:, li].double()[pos_rows]
-    Y = cap.per_prompt["harmless"][position][:, li].double()[neg_rows]
-    mu_neg = Y.mean(0)
-    delta = X - mu_neg
-    rank = int(torch.linalg.matrix_rank(delta)) if delta.numel() else 0
-    kk = max(1, min(k, rank, X.shape[0]))
-    if rank == 0:
-        return torch.full((X.shape[1], 1), float("nan"), dtype=torch.float64), 0
-    return M.low_rank_basis(X, mu_neg, kk), kk
-
-
 def stage_metrics(cap: Capture, car, sel, sets: PromptSets, cfg, n_layers: int, ref_layer: int, ref_pos: str,
                   ref_why: str, notes: list[str]) -> dict:
     """PROTOCOL 3 at every layer and at the reference (selected) carrier. Returns a dict with ``metrics``,
@@ -313,30 +291,21 @@ def stage_metrics(cap: Capture, car, sel, sets: PromptSets, cfg, n_layers: int, 
     band = [v for l, v in zip(car.layers, per_layer) if lo <= l < hi and v == v]
     h_ref, r_ref = car.H[li], car.r_at(ref_layer, ref_pos)
 
-    Q_H, k_h = subspace(cap, li, "t_inst", cfg.k, filtered)
-    Q_R, k_r = subspace(cap, li, ref_pos, cfg.k, filtered)
-    k = min(k_h, k_r)
-    if k < cfg.k:
-        notes.append(f"low-rank carriers use k = {k}, not {cfg.k}: the harmful differences at the carrier have "
-                     f"numerical rank {k}")
-    Q_H, Q_R = Q_H[:, :k], Q_R[:, :k]
+    sub = fit_subspace(cap, ref_layer, ref_pos, cfg.k, filtered=filtered)
+    notes.extend(sub.notes)
+    k = min(sub.k_H, sub.k_R)
+    Q_H, Q_R = sub.Q_H[:, :k], sub.Q_R[:, :k]
     angles = M.principal_angles(Q_H, Q_R) if k else torch.empty(0)
     eoi_units = car.R[li][car.R[li].norm(dim=-1) > 0]
     erank = M.effective_rank(eoi_units, unit_rows=True) if len(eoi_units) else float("nan")
-    pos_rows, neg_rows = fit_rows(cap, filtered)
+    pos_rows = cap.scores["harmful"] > 0 if filtered else slice(None)
+    neg_rows = ~(cap.scores["harmless"] > 0) if filtered else slice(None)
     X_r = cap.per_prompt["harmful"][ref_pos][:, li].double()[pos_rows]
     mu_neg = cap.per_prompt["harmless"][ref_pos][:, li].double()[neg_rows].mean(0)
     erank_delta5 = M.effective_rank(X_r - mu_neg, top=5)
-
     # per-layer subspaces at t_inst / eoi-1, for drift between checkpoints at a common layer
-    d = car.H.shape[-1]
-    QH_layers = torch.full((len(car.layers), d, cfg.k), float("nan"))
-    QR_layers = torch.full((len(car.layers), d, cfg.k), float("nan"))
-    for j in range(len(car.layers)):
-        for store, pos in ((QH_layers, "t_inst"), (QR_layers, "eoi-1")):
-            q, kk = subspace(cap, j, pos, cfg.k, filtered)
-            if kk:
-                store[j, :, :kk] = q[:, :kk].float()
+    per = layer_subspaces(cap, cfg.k, filtered=filtered)
+    QH_layers, QR_layers = per.Q_H.float(), per.Q_R.float()
 
     # readouts, rho, Latent Guard: held-out prompts only (test splits and the held-out XSTest-style prompts)
     h_unit, r_unit = car.H[li], car.R[li, post_col]
@@ -374,7 +343,7 @@ def stage_metrics(cap: Capture, car, sel, sets: PromptSets, cfg, n_layers: int, 
         "reference": {"layer": ref_layer, "position": ref_pos, "why": ref_why},
         "subspace_coupling": M.subspace_coupling(Q_H, Q_R) if k else float("nan"),
         "subspace_fit": {"layer": ref_layer, "Q_H_position": "t_inst", "Q_R_position": ref_pos,
-                         "sets": car.r_fit, "k": k},
+                         "sets": car.r_fit, "k": k, "counts": sub.counts},
         "principal_angles_deg": [math.degrees(a) for a in angles.tolist()],
         "k": k,
         "effective_rank": erank,
