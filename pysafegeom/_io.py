@@ -91,6 +91,16 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: st
     kind="file": ``path`` may be missing, or an existing file with ``overwrite=True``; a folder there is
     refused. In both kinds the nearest existing parent must be a folder. Stranded leftovers of an
     interrupted save of ``path`` are recovered first (:func:`recover`).
+
+    A new writer (an attack store, replay, transfer, a trajectory) takes ``overwrite=False`` and does::
+
+        out = check_output_path(out, overwrite, "dir", content="trajectory")   # before any work
+        ...                                                                    # the work
+        with atomic_dir(out, content="trajectory") as tmp:                     # then the save
+            write everything into tmp
+
+    (``kind="file"`` and :func:`atomic_write_text` for a single file; a folder filled over time, like a
+    training run, checks first, then creates it and calls :func:`mark_dir`.)
     """
     if kind not in ("dir", "file"):
         raise InvalidArgument(f"kind must be 'dir' or 'file', got {kind!r}")

@@ -488,3 +488,24 @@ def test_cli_checks_out_before_loading_the_model(tmp_path, capsys):
     rc = main(["analyze", "--model", str(tmp_path / "no-such-model"), "--out", str(user), "--overwrite"])
     assert rc == 2 and "no-such-model" in capsys.readouterr().err
     assert os.listdir(user) == ["keep.txt"]
+
+
+def test_export_adapter_refuses_a_user_folder(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pysafegeom.train.sft import export_adapter
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "x"}))
+    save_file({"w": torch.ones(2, 2)}, str(ckpt / "adapter_model.safetensors"))
+    shipped = tmp_path / "anchor"
+    shipped.mkdir()
+    (shipped / "RECIPE.md").write_text("how it was made")
+    with pytest.raises(OutputExists, match="anchor"):
+        export_adapter(ckpt, shipped)
+    assert os.listdir(shipped) == ["RECIPE.md"]
+    export_adapter(ckpt, shipped, overwrite=True)  # writes the adapter files in, keeps the rest
+    assert sorted(os.listdir(shipped)) == ["RECIPE.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(export_adapter(ckpt, tmp_path / "new"))) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -451,14 +451,19 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
 
 
 def export_adapter(checkpoint: str | os.PathLike, dest: str | os.PathLike, *, base: str | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> Path:
+                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
     """Copy a LoRA checkpoint's adapter (weights cast to ``dtype``, config with base ``base``) to ``dest``,
-    without the trainer state: a small folder that :func:`~pysafegeom.models.load_model` opens."""
+    without the trainer state: a small folder that :func:`~pysafegeom.models.load_model` opens.
+
+    ``dest`` must be missing or empty; an existing folder with files in it raises
+    :class:`~pysafegeom.errors.OutputExists` unless ``overwrite=True``, which writes the adapter files into
+    it and keeps its other files (e.g. a shipped anchor's notes)."""
     from safetensors.torch import load_file, save_file
 
     src, dest = Path(checkpoint), Path(dest)
     if not (src / "adapter_config.json").is_file():
         raise ValueError(f"{src} is not a LoRA checkpoint (no adapter_config.json)")
+    check_output_path(dest, overwrite, "dir", content="adapter")
     dest.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((src / "adapter_config.json").read_text())
     if base is not None:
