@@ -217,7 +217,8 @@ def encode_after_prefix(tokenizer, prefix: str, bodies: list[str], *, allow_spec
     specials = () if allow_special_tokens else special_token_strings(tokenizer)
     forged = [i for i, b in enumerate(bodies) if any(s in b for s in specials)]
     out: list[list[int] | None] = [None] * len(bodies)
-    plain = [i for i in range(len(bodies)) if i not in set(forged)]
+    skip = set(forged)
+    plain = [i for i in range(len(bodies)) if i not in skip]
     if plain:
         ids = tokenizer([prefix + bodies[i] for i in plain], add_special_tokens=False)["input_ids"]
         for i, r in zip(plain, ids):
