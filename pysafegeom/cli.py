@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -172,10 +173,64 @@ def _read_prompts(path):
     return load_prompts(path)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (``prog: error: argument --n-val: ...``), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _arg(check, parse=int, **kw):
+    """An argparse ``type=``: parse the text, then run a :mod:`pysafegeom.validate` check on it; a bad value
+    becomes argparse's own one-line error naming the option. Returns the checked value."""
+    from . import validate as V
+    from .errors import PysafegeomError
+
+    def convert(text):
+        try:
+            v = parse(text)
+        except ValueError:
+            what = "an integer" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        try:
+            return getattr(V, check)("value", v, **kw)
+        except PysafegeomError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value ")) from None
+
+    convert.__name__ = check
+    return convert
+
+
+def _text_arg(check, **kw):
+    """An argparse ``type=`` for a text option (``--device``, ``--dtype``, ``--save-at``): checked, passed on as text."""
+    from . import validate as V
+    from .errors import PysafegeomError
+
+    def convert(text):
+        try:
+            out = getattr(V, check)("value", text, **kw)
+        except PysafegeomError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("value=", "").removeprefix("value: ")) from None
+        return ",".join(map(str, out)) if isinstance(out, tuple) else text
+
+    convert.__name__ = check
+    return convert
+
+
+_POS = _arg("positive_int")
+_NONNEG_FLOAT = _arg("finite_float", float, lo=0.0)
+_LR = _arg("finite_float", float, lo=0.0, hi=1.0, lo_open=True)
+_POS_FLOAT = _arg("finite_float", float, lo=0.0, lo_open=True)
+_STEPS = _text_arg("int_list_option", lo=1)
+_DEVICE, _DTYPE = _text_arg("device"), _text_arg("dtype")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="pysafegeom", description=__doc__.splitlines()[0])
+    p = _Parser(prog="pysafegeom", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also after the command, "
+                   "or PYSAFEGEOM_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, op backends (and why any is unavailable), the model cache")
@@ -212,20 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompts (recorded in the result; figures on those prompts are then not held out)")
     s.add_argument("--template", default=None, help="chat template name or Jinja string (default: the tokenizer's)")
     s.add_argument("--system", default=None, help="optional system prompt")
-    s.add_argument("--n-val", type=int, default=32, help="validation prompts per side for carrier selection (default 32)")
+    s.add_argument("--n-val", type=_POS, default=32, help="validation prompts per side for carrier selection (default 32)")
     s.add_argument("--positions", default=None, help="post-instruction positions to search, e.g. eoi-1,eoi-2 (default: all)")
-    s.add_argument("--layer-stride", type=int, default=1, help="search every n-th layer for the carrier (default 1: all)")
-    s.add_argument("--kl-threshold", type=float, default=0.1, help="admissibility KL threshold (default 0.1; 0.2 is tried if none pass)")
-    s.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: chosen to fit memory)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    s.add_argument("--layer-stride", type=_POS, default=1, help="search every n-th layer for the carrier (default 1: all)")
+    s.add_argument("--kl-threshold", type=_NONNEG_FLOAT, default=0.1, help="admissibility KL threshold (default 0.1; 0.2 is tried if none pass)")
+    s.add_argument("--batch-size", type=_POS, default=None, help="prompts per forward pass (default: chosen to fit memory)")
+    s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", default=None, type=_DTYPE, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     s.add_argument("--interventions", action="store_true", help="add the reopen table (R, H, span(H, R) ablated, with "
                    "matched controls) and the four behavioural diagnostics; generates answers, so it takes longer")
     s.add_argument("--attacks", default=None, help="attack prompts file (e.g. GCG/AutoDAN test cases) for the reopen table")
     s.add_argument("--benign", default=None, help="benign prompts file, with reference answers for the CE proxy (default: bundled)")
     s.add_argument("--sweeps", action="store_true", help="add ActAdd and partial-ablation sweeps with matched controls")
-    s.add_argument("--n-controls", type=int, default=10, help="matched random controls per row (default 10)")
-    s.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per judged answer (default 48)")
+    s.add_argument("--n-controls", type=_POS, default=10, help="matched random controls per row (default 10)")
+    s.add_argument("--max-new-tokens", type=_POS, default=48, help="greedy tokens per judged answer (default 48)")
     s.set_defaults(func=_cmd_analyze)
 
     s = sub.add_parser("demo", help="the full protocol on the unaligned base and the aligned anchor, side by side in one report")
@@ -234,11 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out", help="where the results and report go (default: demo_out); a folder "
                    "that pysafegeom did not write is refused unless --overwrite")
     s.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a pysafegeom demo folder")
-    s.add_argument("--n-val", type=int, default=16, help="validation prompts per side (default 16)")
-    s.add_argument("--layer-stride", type=int, default=3, help="search every n-th layer (default 3)")
-    s.add_argument("--n-controls", type=int, default=3, help="matched random controls per reopen row (default 3)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per judged answer (default 32)")
-    s.add_argument("--n-behaviour", type=int, default=None, help="cap on each behavioural test set (default: whole test split)")
+    s.add_argument("--n-val", type=_POS, default=16, help="validation prompts per side (default 16)")
+    s.add_argument("--layer-stride", type=_POS, default=3, help="search every n-th layer (default 3)")
+    s.add_argument("--n-controls", type=_POS, default=3, help="matched random controls per reopen row (default 3)")
+    s.add_argument("--max-new-tokens", type=_POS, default=32, help="greedy tokens per judged answer (default 32)")
+    s.add_argument("--n-behaviour", type=_POS, default=None, help="cap on each behavioural test set (default: whole test split)")
     s.add_argument("--no-interventions", action="store_true", help="skip the reopen table and behavioural diagnostics")
     s.add_argument("--fresh", action="store_true", help="redo models whose finished results are already in --out")
     s.set_defaults(func=_cmd_demo)
@@ -254,37 +309,52 @@ def build_parser() -> argparse.ArgumentParser:
                    "that is not a pysafegeom training run is refused unless --overwrite)")
     s.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a pysafegeom training "
                    "folder (nothing in it is deleted)")
-    s.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    s.add_argument("--save-at", default="", help="comma-separated steps to checkpoint at (the last is always saved)")
-    s.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    s.add_argument("--steps", type=_POS, default=100, help="optimizer steps (default 100)")
+    s.add_argument("--save-at", default="", type=_STEPS, help="comma-separated steps to checkpoint at (the last is always saved)")
+    s.add_argument("--lr", type=_LR, default=2e-4, help="peak learning rate (default 2e-4)")
     s.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    s.add_argument("--warmup-steps", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--max-len", type=int, default=256)
+    s.add_argument("--warmup-steps", type=_arg("nonneg_int"), default=10)
+    s.add_argument("--batch-size", type=_POS, default=8)
+    s.add_argument("--grad-accum", type=_POS, default=1)
+    s.add_argument("--max-len", type=_arg("integer", lo=2), default=256)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     g.add_argument("--full", dest="lora", action="store_false", help="train all weights")
-    s.add_argument("--lora-r", type=int, default=8)
-    s.add_argument("--lora-alpha", type=float, default=16)
+    s.add_argument("--lora-r", type=_POS, default=8)
+    s.add_argument("--lora-alpha", type=_POS_FLOAT, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     s.add_argument("--answers", default=None, help="JSONL of {prompt, response} helpful answers (default: self-distillation)")
-    s.add_argument("--distill-tokens", type=int, default=96, help="max new tokens of self-distilled answers (default 96)")
+    s.add_argument("--distill-tokens", type=_POS, default=96, help="max new tokens of self-distilled answers (default 96)")
     s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled train split)")
     s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled train split)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.set_defaults(func=_cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. An error a user can fix (a pysafegeom error, a bad value or type, a missing or existing
+    file, a missing package) prints one line, the message, and returns 2; ``--debug`` (anywhere on the line, or
+    ``PYSAFEGEOM_DEBUG=1``) shows the traceback instead."""
+    from .errors import PysafegeomError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PYSAFEGEOM_DEBUG") == "1"
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as exc:
-        print(f"pysafegeom {args.command}: error: {exc}", file=sys.stderr)
+    except (PysafegeomError, FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError, OSError) as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"pysafegeom {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"pysafegeom {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import validate as V
+from .errors import InvalidArgument
 from .models.forward import forward_names
 from .refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_rate  # noqa: F401  (the one substring rule)
 
@@ -145,26 +147,23 @@ def _sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: in
 # ---------------------------------------------------------------- the model call
 
 def _check(max_new_tokens, min_new_tokens, batch_size, do_sample, temperature, top_p, top_k, stop_strings):
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}: a generation budget of zero "
-                         "generates nothing")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must lie in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    V.positive_int("max_new_tokens", max_new_tokens, hint="a generation budget of zero generates nothing")
+    V.integer("min_new_tokens", min_new_tokens, lo=0, hi=max_new_tokens,
+              hint=f"stop tokens are masked for this many steps, at most max_new_tokens={max_new_tokens}")
+    V.positive_int("batch_size", batch_size, hint="prompts per forward")
+    V.boolean("do_sample", do_sample)
     if do_sample:
-        if not temperature > 0 or temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature}; "
-                             "use do_sample=False for greedy decoding")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
+        V.finite_float("temperature", temperature, lo=0.0, lo_open=True,
+                       hint="temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+        V.finite_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True, hint="top_p must lie in (0, 1]")
+        V.nonneg_int("top_k", top_k, hint="0: no top-k filter")
     elif (temperature, top_p, top_k) != (1.0, 1.0, 0):
-        raise ValueError("temperature, top_p and top_k apply to sampling only; pass do_sample=True (or leave them "
-                         "at their defaults for greedy decoding)")
-    if stop_strings is not None and any(not isinstance(s, str) or not s for s in stop_strings):
-        raise ValueError("stop_strings must be non-empty strings")
+        raise InvalidArgument("temperature, top_p and top_k apply to sampling only; pass do_sample=True (or leave them "
+                              "at their defaults for greedy decoding)")
+    if stop_strings is not None:
+        V.str_list("stop_strings", stop_strings, nonblank=False)
+        if any(not s for s in stop_strings):
+            raise InvalidArgument("stop_strings must be non-empty strings (an empty one would stop every answer at once)")
 
 
 def context_length(model) -> int | None:
@@ -236,14 +235,14 @@ def generate(
     from .prompts import encode_prompts, pad_prompts
 
     t0 = time.perf_counter()
+    V.is_model("model", model)
+    V.is_tokenizer("tokenizer", tokenizer)
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     _check(max_new_tokens, min_new_tokens, batch_size, do_sample, temperature, top_p, top_k, stop_strings)
-    if isinstance(instructions, str):
-        raise TypeError("instructions must be a list of strings, not one string")
-    instructions = list(instructions)
-    if not instructions:
-        raise ValueError("no instructions to generate for: the list is empty")
+    if seed is not None:
+        V.integer("seed", seed)
+    instructions = V.prompt_list("instructions", instructions, item="instruction")
     ctx = context_length(model)
     enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=ctx,
                          allow_special_tokens=allow_special_tokens)
@@ -256,6 +255,8 @@ def generate(
     stops = torch.tensor(stop_token_ids(tokenizer, template), dtype=torch.long, device=device)
     stop_set = frozenset(stops.tolist())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    V.token_ids_fit(model, enc.rows, what="the formatted instructions",
+                    extra={"the pad token": pad, "a stop token": max(stops.tolist(), default=None)})
     if do_sample and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     cache_kw, keep_kw = forward_names(model)

@@ -23,9 +23,13 @@ special tokens split. Instructions without such text are tokenised exactly as de
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import torch
+
+from . import validate as V
+from .errors import InvalidArgument, InvalidType
 
 SENTINEL = "PSGSENTINELXYZ."
 
@@ -67,8 +71,8 @@ TEMPLATES: dict[str, str] = {
 }
 
 
-class TemplateError(ValueError):
-    """The chat template cannot be used to locate instruction positions."""
+class TemplateError(InvalidArgument):
+    """The chat template cannot be used to locate instruction positions (a ``ValueError``)."""
 
 
 @dataclass
@@ -146,7 +150,16 @@ def resolve_template(tokenizer, template: str | None) -> str:
         if isinstance(tpl, dict):
             tpl = tpl.get("default") or next(iter(tpl.values()))
         return tpl
-    return TEMPLATES.get(template, template)
+    if not isinstance(template, str):
+        raise InvalidType(f"template must be None (the tokenizer's own), a name ({', '.join(TEMPLATES)}) or a Jinja "
+                          f"string, got {type(template).__name__} {V.show(template)}")
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{{" not in template and "{%" not in template:  # not Jinja: a name, misspelt or unknown
+        near = difflib.get_close_matches(template.lower(), list(TEMPLATES), n=1, cutoff=0.6)
+        raise TemplateError(f"unknown template {template!r}: not one of the named templates ({', '.join(TEMPLATES)}) "
+                            "and not a Jinja string (no {{ or {%)" + (f"; did you mean {near[0]!r}?" if near else ""))
+    return template
 
 
 def split_template(tokenizer, template: str | None = None, system: str | None = None) -> TemplateSplit:
@@ -268,16 +281,11 @@ def encode_prompts(
 
     Control-token text in an instruction is tokenised as text unless ``allow_special_tokens=True``
     (:func:`encode_after_prefix`)."""
-    if isinstance(instructions, str):
-        raise TypeError("instructions must be a list of strings, not one string")
-    instructions = list(instructions)
-    if not instructions:
-        raise ValueError("no instructions to format: the prompt list is empty")
-    for i, s in enumerate(instructions):
-        if not isinstance(s, str):
-            raise TypeError(f"instruction {i} is a {type(s).__name__}, not a string")
-        if not s.strip():
-            raise ValueError(f"instruction {i} is empty or only whitespace")
+    instructions = V.prompt_list("instructions", instructions, item="instruction")
+    if system is not None and not isinstance(system, str):
+        raise InvalidType(f"system must be a string (the system prompt) or None, got {type(system).__name__}")
+    if max_length is not None:
+        V.positive_int("max_length", max_length)
     split = split_template(tokenizer, template, system)
     if _content_is_verbatim(tokenizer, split, system):
         bodies = instructions
@@ -347,8 +355,7 @@ def format_prompts(
 def encode_batches(tokenizer, prompts: "list[str] | EncodedPrompts", template: str | None = None, system: str | None = None,
                    batch_size: int = 32, device=None) -> list[PromptBatch]:
     """Tokenise ``prompts`` once and cut them, in order, into left-padded batches of ``batch_size``."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    V.positive_int("batch_size", batch_size, hint="prompts per batch")
     # already-encoded prompts (an EncodedPrompts) are cut as they are; template/system are then ignored
     enc = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(tokenizer, prompts, template=template, system=system)
     return [pad_prompts(tokenizer, enc, range(i, min(i + batch_size, len(enc.rows))), device=device)

@@ -218,14 +218,15 @@ def int_list_option(name: str, text: Any, *, lo: int | None = 1) -> tuple[int, .
             raise InvalidArgument(f"{name}: {part!r} is not an integer; give comma-separated integers, "
                                   f"e.g. 10,20 (got {text!r})") from None
         if lo is not None and x < lo:
-            raise InvalidArgument(f"{name}: {x} is less than {lo}; give comma-separated integers >= {lo} (got {text!r})")
+            raise InvalidArgument(f"{name}: {x} is less than {lo}; give comma-separated integers >= {lo} "
+                                  f"(got {text!r})")
         out.append(x)
     return tuple(out)
 
 
 # --- models, tokenizers, devices, dtypes ----------------------------------------------------------
 
-def _is_tokenizer(v: Any) -> bool:
+def looks_like_tokenizer(v: Any) -> bool:
     try:
         from transformers import PreTrainedTokenizerBase
 
@@ -242,7 +243,7 @@ def is_model(name: str, v: Any) -> Any:
     with a message that says which of those it is."""
     if isinstance(v, torch.nn.Module):
         return v
-    if _is_tokenizer(v):
+    if looks_like_tokenizer(v):
         raise InvalidType(f"{name} is a tokenizer ({_kind(v)}), not a model: the model and tokenizer arguments look "
                           "swapped; pass the model first, then its tokenizer")
     if isinstance(v, (str, os.PathLike)):
@@ -256,7 +257,7 @@ def is_model(name: str, v: Any) -> Any:
 
 def is_tokenizer(name: str, v: Any) -> Any:
     """A tokenizer (callable, with ``decode``); a model in its place is refused as swapped arguments."""
-    if _is_tokenizer(v):
+    if looks_like_tokenizer(v):
         return v
     if isinstance(v, torch.nn.Module):
         raise InvalidType(f"{name} is a model ({_kind(v)}), not a tokenizer: the model and tokenizer arguments look "
@@ -328,7 +329,7 @@ def dtype(name: str, v: Any) -> torch.dtype | None:
     key = v.strip().lower().removeprefix("torch.")
     if key not in _DTYPES:
         near = difflib.get_close_matches(key, list(_DTYPES), n=1, cutoff=0.6)
-        raise InvalidArgument(f"unknown dtype {v!r} for {name}; use {accepted}"
+        raise InvalidArgument(f"{name}: unknown dtype {v!r}; use {accepted}"
                               + (f" (did you mean {near[0]!r}?)" if near else ""))
     return _DTYPES[key]
 
@@ -441,9 +442,11 @@ def safetensors_file(path: str | os.PathLike) -> dict:
         try:
             end = max(end, int(t["data_offsets"][1]))
         except (TypeError, KeyError, IndexError, ValueError):
-            raise InputFileError(f"{p} is corrupt: tensor {k!r} has no valid data_offsets in the header; {fix}") from None
+            raise InputFileError(f"{p} is corrupt: tensor {k!r} has no valid data_offsets in the header; "
+                                 f"{fix}") from None
     if 8 + n + end > size:
-        raise InputFileError(f"{p} is truncated: the header describes {8 + n + end} bytes but the file holds {size}; {fix}")
+        raise InputFileError(f"{p} is truncated: the header describes {8 + n + end} bytes but the file holds "
+                             f"{size}; {fix}")
     return header
 
 

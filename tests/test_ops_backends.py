@@ -145,7 +145,7 @@ def _project64(x, Q, beta, alpha, v):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,d,k", [(37, 577, 3), (1, 577, 1), (9, 64, 16), (5, 15, 2)])
-@pytest.mark.parametrize("beta,alpha,use_v", [(1.0, 0.0, False), (0.6, 2.5, True), (-1.5, 0.0, True)])
+@pytest.mark.parametrize("beta,alpha,use_v", [(1.0, 0.0, False), (0.6, 2.5, True), (-1.5, 0.0, False)])
 def test_project_ablate(backend, dtype, N, d, k, beta, alpha, use_v):
     dev = _device(backend)
     if _small(backend):

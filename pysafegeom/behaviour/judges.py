@@ -29,6 +29,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .. import validate as V
+from ..errors import InvalidArgument, InvalidType
 from ..models.forward import forward
 from ..refusal import (  # noqa: F401  (re-exported: the one vocabulary lives in pysafegeom.refusal)
     ARDITI_PHRASES, END_MARKERS, PHRASE_LISTS, R2D2_PHRASES, XSTEST_PHRASES, XSTEST_START_ONLY, ZHAO_PHRASES,
@@ -80,26 +82,39 @@ class Judge(Protocol):
 def check_pairs(prompts, responses, *, need_prompts: bool = False) -> tuple[list[str] | None, list[str]]:
     """Validate judge inputs: lists of strings, non-empty, equal lengths; returns them as lists."""
     if isinstance(responses, str):
-        raise TypeError("responses must be a list of strings, not one string")
+        raise InvalidType("responses must be a list of strings, not one string")
+    if responses is None or not hasattr(responses, "__iter__"):
+        raise InvalidType(f"responses must be a list of strings, got {type(responses).__name__}")
     responses = list(responses)
     if not responses:
-        raise ValueError("no responses to judge: the response list is empty")
+        raise InvalidArgument("no responses to judge: the response list is empty")
     for i, r in enumerate(responses):
         if not isinstance(r, str):
-            raise TypeError(f"response {i} is a {type(r).__name__}, not a string")
+            raise InvalidType(f"responses: response {i} is a {type(r).__name__}, not a string")
     if prompts is None:
         if need_prompts:
-            raise ValueError("this judge needs the prompts (the behaviours): pass prompts=, not None")
+            raise InvalidArgument("this judge needs the prompts (the behaviours): pass prompts=, not None")
         return None, responses
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
+        raise InvalidType("prompts must be a list of strings, not one string")
+    if not hasattr(prompts, "__iter__"):
+        raise InvalidType(f"prompts must be a list of strings or None, got {type(prompts).__name__}")
     prompts = list(prompts)
     if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+        raise InvalidArgument(f"got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise TypeError(f"prompt {i} is a {type(p).__name__}, not a string")
+            raise InvalidType(f"prompts: prompt {i} is a {type(p).__name__}, not a string")
     return prompts, responses
+
+
+def _lists(lists) -> list[str]:
+    """The phrase-list names, checked: a single name is one list."""
+    names = V.str_list("lists", lists, allow_empty=True)
+    for i, n in enumerate(names):
+        if n not in PHRASE_LISTS:
+            raise InvalidArgument(f"lists[{i}]: unknown phrase list {n!r}; choose from {', '.join(PHRASE_LISTS)}")
+    return names
 
 
 class SubstringJudge:
@@ -115,6 +130,7 @@ class SubstringJudge:
     name = "substring"
 
     def __init__(self, lists: Sequence[str] = ("arditi", "zhao", "r2d2"), extra: Sequence[str] = ()):
+        lists, extra = _lists(lists), V.str_list("extra", extra, allow_empty=True)  # one string = one phrase
         self.phrases = _phrases(lists, extra)
         self._keys = tuple(normalise(p) for p in self.phrases)
 
@@ -156,11 +172,14 @@ class XSTestJudge:
     def __init__(self, lists: Sequence[str] = ("xstest", "arditi", "r2d2"), extra: Sequence[str] = (),
                  start_only: Sequence[str] = XSTEST_START_ONLY, compliance_markers: Sequence[str] = COMPLIANCE_MARKERS,
                  min_comply_words: int = 8):
+        lists, extra = _lists(lists), V.str_list("extra", extra, allow_empty=True)  # one string = one phrase
         self.phrases = _phrases(lists, extra)
         self._keys = tuple(normalise(p) for p in self.phrases)
-        self.start_only = tuple(start_only)
-        self.markers = tuple(compliance_markers)
-        self.min_comply_words = int(min_comply_words)
+        # an empty prefix or marker would match every response; a single string is one prefix, not its characters
+        self.start_only = tuple(V.str_list("start_only", start_only, allow_empty=True))
+        self.markers = tuple(V.str_list("compliance_markers", compliance_markers, allow_empty=True))
+        self.min_comply_words = V.nonneg_int("min_comply_words", min_comply_words,
+                                             hint="words after a compliance marker that make a refusal partial")
 
     def _one(self, response: str) -> Verdict:
         text = strip_end_markers(response)
@@ -202,7 +221,20 @@ class LogitJudge:
     def __init__(self, scores: Sequence[float] | torch.Tensor | None = None,
                  score_fn: Callable[[list[str]], Sequence[float] | torch.Tensor] | None = None):
         if (scores is None) == (score_fn is None):
-            raise ValueError("give exactly one of scores= (precomputed refusal scores) or score_fn= (prompts -> scores)")
+            raise InvalidArgument("give exactly one of scores= (precomputed refusal scores) or score_fn= (prompts -> scores)")
+        if score_fn is not None and not callable(score_fn):
+            raise InvalidType(f"score_fn must be a callable prompts -> scores, got {type(score_fn).__name__}")
+        if scores is not None:
+            if isinstance(scores, (str, bytes)):
+                raise InvalidType(f"scores must be numbers (one refusal score per response), got {V.show(scores)}")
+            try:
+                as_t = torch.as_tensor(scores, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise InvalidType(f"scores must be numbers (one refusal score per response), got {V.show(scores)}") from None
+            if not bool(torch.isfinite(as_t).all()):
+                bad = int((~torch.isfinite(as_t.reshape(-1))).nonzero()[0, 0])
+                raise InvalidArgument(f"scores[{bad}] is {float(as_t.reshape(-1)[bad])}: refusal scores must be finite "
+                                      "(a NaN would silently count as 'not refused')")
         self.scores = None if scores is None else [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).reshape(-1)]
         self.score_fn = score_fn
 
@@ -213,6 +245,9 @@ class LogitJudge:
         from ..protocol.capture import refusal_scores_from_logits
         from ..protocol.carriers import find_refusal_tokens
 
+        V.is_model("model", model)
+        V.is_tokenizer("tokenizer", tokenizer)
+        batch_size = V.positive_int("batch_size", batch_size)
         toks = refusal_tokens if refusal_tokens is not None else find_refusal_tokens(tokenizer)
 
         def score_fn(prompts: list[str]) -> torch.Tensor:
@@ -315,29 +350,40 @@ class ModelJudge:
     def __init__(self, model, tokenizer, *, kind: str = "auto", template: str = CLASSIFIER_TEMPLATE, chat: bool = False,
                  yes: Sequence[str] = YES_VARIANTS, no: Sequence[str] = NO_VARIANTS, positive_label: int | str = 1,
                  max_generation_tokens: int | None = 512, batch_size: int = 8):
+        V.is_model("model", model)
+        V.is_tokenizer("tokenizer", tokenizer)
+        V.choice("kind", kind, ("auto", "causal", "seq-cls"))
+        if not isinstance(template, str):
+            raise InvalidType(f"template must be a string with {{behavior}} and {{generation}} fields, got "
+                              f"{type(template).__name__}")
+        chat = V.boolean("chat", chat)
+        yes, no = V.str_list("yes", yes), V.str_list("no", no)  # yes='Yes' is one spelling, not 'Y', 'e', 's'
+        if isinstance(positive_label, bool) or not isinstance(positive_label, (int, str)):
+            raise InvalidType(f"positive_label must be a label index (int) or name (str), got "
+                              f"{type(positive_label).__name__} {V.show(positive_label)}")
+        max_generation_tokens = V.optional_positive_int("max_generation_tokens", max_generation_tokens)
+        batch_size = V.positive_int("batch_size", batch_size)
         if kind == "auto":
             kind = "seq-cls" if type(model).__name__.endswith("ForSequenceClassification") else "causal"
-        if kind not in ("causal", "seq-cls"):
-            raise ValueError(f"ModelJudge kind must be 'auto', 'causal' or 'seq-cls', not {kind!r}")
         for field_ in ("{behavior}", "{generation}"):
             if field_ not in template:
-                raise ValueError(f"the judge template has no {field_} field")
+                raise InvalidArgument(f"template: the judge template has no {field_} field")
         self.model, self.tokenizer, self.kind, self.template, self.chat = model, tokenizer, kind, template, chat
         self.max_generation_tokens, self.batch_size = max_generation_tokens, int(batch_size)
         if kind == "causal":
             self.yes_ids = self._first_ids(yes, "yes")
             self.no_ids = self._first_ids(no, "no")
             if set(self.yes_ids) & set(self.no_ids):
-                raise ValueError("the 'yes' and 'no' answer spellings share a first token; pass distinct yes=/no=")
+                raise InvalidArgument("the 'yes' and 'no' answer spellings share a first token; pass distinct yes=/no=")
         else:
             n_labels = getattr(model.config, "num_labels", None)
             if isinstance(positive_label, str):
                 l2i = {str(k).lower(): v for k, v in (getattr(model.config, "label2id", None) or {}).items()}
                 if positive_label.lower() not in l2i:
-                    raise ValueError(f"positive label {positive_label!r} is not among the model's labels {sorted(l2i)}")
+                    raise InvalidArgument(f"positive_label: positive label {positive_label!r} is not among the model's labels {sorted(l2i)}")
                 positive_label = int(l2i[positive_label.lower()])
             if n_labels is not None and not 0 <= positive_label < n_labels:
-                raise ValueError(f"positive_label {positive_label} out of range for {n_labels} labels")
+                raise InvalidArgument(f"positive_label {positive_label} out of range for {n_labels} labels")
             self.positive_label = int(positive_label)
 
     def _first_ids(self, spellings: Sequence[str], what: str) -> list[int]:
@@ -347,7 +393,7 @@ class ModelJudge:
             if t and t[0] not in ids:
                 ids.append(t[0])
         if not ids:
-            raise ValueError(f"none of the {what!r} answer spellings {list(spellings)} tokenises to anything")
+            raise InvalidArgument(f"{what}: none of the {what!r} answer spellings {list(spellings)} tokenises to anything")
         return ids
 
     def _text(self, prompt: str, response: str) -> str:

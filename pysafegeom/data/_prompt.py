@@ -8,11 +8,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..errors import InputFileError
+
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """A prompt file or spec that cannot be used: wrong format, missing column, no prompts."""
+class DataError(InputFileError):
+    """A prompt file or spec that cannot be used: wrong format, encoding, missing column, no prompts (a ``ValueError``)."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ Error policy, shared by every loader:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..validate import is_blank, utf8_text
 from ._prompt import SPLITS, DataError, Prompt, filter_split, split_prompts
 from .bundled import DEFAULT_SETS, load_default
 
@@ -55,17 +57,53 @@ def _no_prompts(p: Path, expected: str, why: str = "") -> DataError:
 
 def _read_csv(p: Path, expected: str) -> tuple[list[str], list[dict[str, str]]]:
     delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(utf8_text(p), newline=""), delimiter=delimiter, strict=True)
+    try:
         cols = [c for c in (reader.fieldnames or []) if c is not None]
         if not cols:
             raise _no_prompts(p, expected, ": the file is empty")
-        rows = [{k: (v if v is not None else "") for k, v in r.items() if k is not None} for r in reader]
+        rows, starts = [], []
+        while True:
+            start = reader.line_num + 1
+            try:
+                r = next(reader)
+            except StopIteration:
+                break
+            rows.append({k: (v if v is not None else "") for k, v in r.items() if k is not None})
+            starts.append(start)
+    except csv.Error as e:
+        raise DataError(f"{p}, line {reader.line_num}: not valid CSV ({e}); a quote (\") that is never closed "
+                        "merges the rest of the file into one field: close it, or double it (\"\") inside a quoted "
+                        f"field (expected {expected})") from None
+    _check_merged_rows(p, cols, rows, starts, delimiter)
     return cols, rows
 
 
+def _check_merged_rows(p: Path, cols: list[str], rows: list[dict], starts: list[int], delimiter: str) -> None:
+    """Refuse a field that swallowed several CSV rows (an unbalanced quote that a later quote happened to close):
+    it spans lines that each look like a row and is far longer than the column's other fields."""
+    if len(cols) < 2 or len(rows) < 2:
+        return
+    for c in cols:
+        lengths = sorted(len(r.get(c) or "") for r in rows)
+        median = lengths[len(lengths) // 2]
+        if median < 10:  # a mostly empty column (e.g. HarmBench's ContextString): long multi-line cells are normal
+            continue
+        for r, start in zip(rows, starts):
+            v = r.get(c) or ""
+            if "\n" not in v or len(v) <= 5 * median:
+                continue
+            lines = v.split("\n")
+            row_like = sum(len(next(csv.reader([line], delimiter=delimiter), [])) == len(cols) for line in lines)
+            if row_like >= 2:
+                raise DataError(f"{p}, record starting at line {start}: column {c!r} spans {len(lines)} lines, "
+                                f"{row_like} of which look like CSV rows, and is {len(v)} characters long (the "
+                                f"column's median is {median}): an unclosed quote (\") probably merged them; close "
+                                "the quote or double it (\"\")")
+
+
 def _read_json(p: Path, expected: str) -> Any:
-    raw = p.read_text(encoding="utf-8-sig")
+    raw = utf8_text(p)
     if not raw.strip():
         raise _no_prompts(p, expected, ": the file is empty")
     try:
@@ -88,17 +126,16 @@ def _read_json_list(p: Path, expected: str) -> list[dict]:
 
 def _read_jsonl(p: Path, expected: str) -> list[dict]:
     rows = []
-    with open(p, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}, line {n}: not valid JSON ({e}); expected {expected}") from None
-            if not isinstance(r, dict):
-                raise DataError(f"{p}, line {n}: a {type(r).__name__}, not an object (expected {expected})")
-            rows.append(r)
+    for n, line in enumerate(utf8_text(p).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}, line {n}: not valid JSON ({e}); expected {expected}") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{p}, line {n}: a {type(r).__name__}, not an object (expected {expected})")
+        rows.append(r)
     if not rows:
         raise _no_prompts(p, expected, ": the file is empty")
     return rows
@@ -121,11 +158,11 @@ def _require(p: Path, cols: Sequence[str], required: Sequence[str], expected: st
 
 
 def _s(v: Any) -> str | None:
-    """A cell as a stripped string, or None when empty/absent."""
+    """A cell as a stripped string, or None when empty/absent (or only zero-width characters)."""
     if v is None:
         return None
     v = str(v).strip()
-    return v or None
+    return None if is_blank(v) else v
 
 
 def _finish(prompts: list[Prompt], n_blank: int, p: Path | str, expected: str) -> list[Prompt]:
@@ -349,10 +386,14 @@ def load_table(
 
 
 def _load_lines(p: Path) -> list[Prompt]:
-    lines = p.read_text(encoding="utf-8-sig").splitlines()
-    out = [Prompt(text=t.strip(), id=f"{p.stem}-{i:05d}") for i, t in enumerate(lines) if t.strip()]
+    lines = utf8_text(p).splitlines()
+    out = [Prompt(text=t.strip(), id=f"{p.stem}-{i:05d}") for i, t in enumerate(lines) if not is_blank(t)]
+    invisible = sum(1 for t in lines if t.strip() and is_blank(t))
     if not out:
-        raise _no_prompts(p, "a text file with one prompt per line")
+        why = f" ({invisible} only zero-width)" if invisible else ""
+        raise _no_prompts(p, "a text file with one prompt per line", why)
+    if invisible:
+        warnings.warn(f"{p}: skipped {invisible} line(s) made only of zero-width characters", UserWarning, stacklevel=3)
     return out
 
 
@@ -431,7 +472,7 @@ def load_prompts(
             if isinstance(item, Prompt):
                 prompts.append(item)
             elif isinstance(item, str):
-                if item.strip():
+                if not is_blank(item):
                     prompts.append(Prompt(text=item.strip(), id=f"{role}-{i:05d}"))
                 else:
                     blank += 1

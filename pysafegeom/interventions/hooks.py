@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .. import validate as V
+from ..errors import InvalidArgument, InvalidType
 from ..models import ModelAdapter
 
 POSITION_MODES = ("all", "prompt", "instruction")
@@ -54,52 +57,53 @@ MAX_DIRECTIONS = 16  # the fused kernels' limit on k
 def _basis(direction: torch.Tensor, d: int, what: str = "carrier") -> torch.Tensor:
     """Orthonormal float64 basis ``[d, k]`` (on CPU) of ``direction`` (``[d]`` or ``[d, k]``), by QR."""
     if not isinstance(direction, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor of shape [d] or [d, k], got {type(direction).__name__}")
+        raise InvalidType(f"{what} must be a torch.Tensor of shape [d] or [d, k], got {type(direction).__name__}")
     if direction.dim() not in (1, 2):
-        raise ValueError(f"{what} must have shape [d] or [d, k], got {tuple(direction.shape)}")
+        raise InvalidArgument(f"{what} must have shape [d] or [d, k], got {tuple(direction.shape)}")
     if not direction.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got {direction.dtype}")
+        raise InvalidType(f"{what} must be a floating-point tensor, got {direction.dtype}")
     D = direction.detach().to("cpu", torch.float64)
     if D.dim() == 1:
         D = D[:, None]
     if D.shape[0] != d:
-        raise ValueError(f"{what} has width {D.shape[0]} but the model's residual width is {d}")
+        raise InvalidArgument(f"{what} has width {D.shape[0]} but the model's residual width is {d}")
     if not 1 <= D.shape[1] <= MAX_DIRECTIONS:
-        raise ValueError(f"{what} must have between 1 and {MAX_DIRECTIONS} columns (directions), got {D.shape[1]}")
+        raise InvalidArgument(f"{what} must have between 1 and {MAX_DIRECTIONS} columns (directions), got {D.shape[1]}")
     if not torch.isfinite(D).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise InvalidArgument(f"{what} contains NaN or infinite values")
     norms = D.norm(dim=0)
     if (norms == 0).any():
-        raise ValueError(f"{what} is zero (a zero vector has no direction to ablate or add)")
+        raise InvalidArgument(f"{what} is zero (a zero vector has no direction to ablate or add)")
     q, r = torch.linalg.qr(D / norms)
     if (r.diagonal().abs() < 1e-8).any():
-        raise ValueError(f"{what}'s columns are linearly dependent; pass a basis of full rank")
+        raise InvalidArgument(f"{what}'s columns are linearly dependent; pass a basis of full rank")
     return q
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number in [0, 1], got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise InvalidType(f"beta must be a number in [0, 1], got {beta!r}")
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:  # also rejects NaN
-        raise ValueError(f"beta must lie in [0, 1] (1 = full ablation), got {beta!r}")
+        raise InvalidArgument(f"beta must lie in [0, 1] (1 = full ablation), got {beta!r}")
     return beta
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise InvalidType(f"alpha must be a finite number, got {alpha!r}")
     alpha = float(alpha)
     if alpha != alpha or alpha in (float("inf"), float("-inf")):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r} (NaN or infinite)")
+        raise InvalidArgument(f"alpha must be a finite number, got {alpha!r} (NaN or infinite)")
     return alpha
 
 
 def _check_layer(layer, n_layers: int) -> int:
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {layer!r}")
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise InvalidType(f"layer must be an int in [0, {n_layers}), got {type(layer).__name__} {layer!r}")
+    layer = int(layer)
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range [0, {n_layers}) (negative indices are not accepted)")
+        raise InvalidArgument(f"layer {layer} out of range [0, {n_layers}) (negative indices are not accepted)")
     return layer
 
 
@@ -206,18 +210,18 @@ class _Gate:
         self.user_mask = None
         if isinstance(positions, torch.Tensor):
             if positions.dtype != torch.bool or positions.dim() != 2:
-                raise ValueError(f"a positions mask must be a bool tensor [B, T], got {positions.dtype} "
+                raise InvalidArgument(f"a positions mask must be a bool tensor [B, T], got {positions.dtype} "
                                  f"{tuple(positions.shape)}")
             self.mode = "mask"
             self.user_mask = positions.to(device)
         elif isinstance(positions, str) and positions in POSITION_MODES:
             self.mode = positions
         else:
-            raise ValueError(f"unknown positions mode {positions!r}; use one of {', '.join(map(repr, POSITION_MODES))} "
+            raise InvalidArgument(f"unknown positions mode {positions!r}; use one of {', '.join(map(repr, POSITION_MODES))} "
                              "or a bool mask tensor [B, T]")
         if self.mode == "instruction":
             if tokenizer is None:
-                raise ValueError("positions='instruction' needs tokenizer= (and the template=/system= the prompts were "
+                raise InvalidArgument("positions='instruction' needs tokenizer= (and the template=/system= the prompts were "
                                  "formatted with) to locate the instruction tokens")
             from ..prompts import split_template
 
@@ -354,11 +358,14 @@ def _install(model, ad: ModelAdapter, gate: _Gate, edit: _Edit, pre_layers, post
 def _layers(layers, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
-    if isinstance(layers, int):
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise InvalidType(f"layers must be a list of layer indices in [0, {n_layers}) or None (all), got "
+                          f"{type(layers).__name__} {V.show(layers)}")
     layers = list(layers)
     if not layers:
-        raise ValueError("layers is empty: nothing would be ablated; pass None for all layers")
+        raise InvalidArgument("layers is empty: nothing would be ablated; pass None for all layers")
     return sorted({_check_layer(l, n_layers) for l in layers})
 
 
@@ -371,8 +378,9 @@ def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[in
     ``beta`` in [0, 1]: 1 is full ablation, less is partial. Applied to the input of every chosen block
     and to its attention and MLP outputs; ``layers`` default all. ``positions``: see the module docstring.
     """
+    V.is_model("model", model)
     ad = ModelAdapter(model)
-    Q = _basis(direction, ad.d_model)
+    Q = _basis(direction, ad.d_model, "direction")
     beta = _check_beta(beta)
     idx = _layers(layers, ad.n_layers)
     gate = _Gate(positions, ad.device, tokenizer, template, system)
@@ -395,18 +403,21 @@ def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, position
     is ``x + alpha * ||r|| * r_hat``, i.e. ``alpha`` is in units of the carrier's own norm (PROTOCOL.md
     section 4; Arditi's alpha = -1 bypasses refusal, +1 induces it). ``positions``: see the module docstring.
     """
+    V.is_model("model", model)
     ad = ModelAdapter(model)
     layer = _check_layer(layer, ad.n_layers)
     alpha = _check_alpha(alpha)
     if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"vector must be a torch.Tensor of shape [d], got {type(vector).__name__}")
+        raise InvalidType(f"vector must be a torch.Tensor of shape [d], got {type(vector).__name__}")
+    if not vector.is_floating_point():
+        raise InvalidType(f"vector must be a floating-point tensor, got {vector.dtype}")
     if vector.shape != (ad.d_model,):
-        raise ValueError(f"vector has shape {tuple(vector.shape)} but the model's residual width is {ad.d_model}")
+        raise InvalidArgument(f"vector has shape {tuple(vector.shape)} but the model's residual width is {ad.d_model}")
     v = vector.detach().to("cpu", torch.float64)
     if not torch.isfinite(v).all():
-        raise ValueError("vector contains NaN or infinite values")
+        raise InvalidArgument("vector contains NaN or infinite values")
     if v.norm() == 0:
-        raise ValueError("vector is zero: adding it would do nothing")
+        raise InvalidArgument("vector is zero: adding it would do nothing")
     gate = _Gate(positions, ad.device, tokenizer, template, system)
     edit = _Edit(None, 0.0, alpha * v, ad.device, ad.dtype)
     handles = []
@@ -434,6 +445,23 @@ def _orthogonalize_(W: torch.Tensor, Q64: torch.Tensor, residual_dim: int) -> No
         ops.orthogonalize_weight(W, Q64.to(W.device, torch.float32), residual_dim, inplace=True)
 
 
+def _check_plain_writers(writers, d: int) -> None:
+    """Every residual writer is a plain weight whose residual axis has the model's width (no unmerged LoRA)."""
+    for w in writers:
+        mod = w.module
+        if hasattr(mod, "base_layer") or hasattr(mod, "lora_A"):
+            raise InvalidArgument(
+                f"model: {w.name} is a LoRA layer ({type(mod).__name__}) with an unmerged adapter (a PeftModel, e.g. what "
+                "pysafegeom.train.run returns); orthogonalize edits plain weights, and the adapter would keep writing "
+                "the direction back. Merge it first: model = model.merge_and_unload() (pysafegeom.load_model of a "
+                "checkpoint merges too), or use the hook-based ablate(), which works on the unmerged model")
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[w.residual_dim] != d:
+            shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+            raise InvalidArgument(f"model: {w.name} ({type(mod).__name__}, weight {shape}) has no residual axis of width "
+                                  f"{d}, so it cannot be orthogonalised; is it a wrapped or quantised layer?")
+
+
 @contextmanager
 def orthogonalize(model, direction: torch.Tensor):
     """Weight orthogonalisation ``W <- W - Q Q^T W`` of every residual writer, in place, while inside the block.
@@ -445,9 +473,11 @@ def orthogonalize(model, direction: torch.Tensor):
     normal or by an exception, every edited tensor is restored bit for bit from an exact copy (memory: one
     copy of the writers' weights).
     """
+    V.is_model("model", model)
     ad = ModelAdapter(model)
-    Q = _basis(direction, ad.d_model)
+    Q = _basis(direction, ad.d_model, "direction")
     writers = ad.residual_writers()  # raises for architectures where the edit is not equivalent
+    _check_plain_writers(writers, ad.d_model)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     head, head_param = ad.lm_head, None
     try:

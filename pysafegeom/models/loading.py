@@ -15,12 +15,14 @@ from typing import Callable
 
 import torch
 
+from .. import validate as V
 from .._io import atomic_dir
+from ..errors import InputFileError, InvalidArgument, InvalidType, MissingFile
 from .provenance import attach_training_prompts, read_training_prompts, training_prompts
 
 
-class ModelNotFound(FileNotFoundError):
-    """The model spec names nothing on this disk."""
+class ModelNotFound(MissingFile):
+    """The model spec names nothing on this disk (a ``FileNotFoundError``)."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,16 @@ def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    _check_gguf(gguf)
     with atomic_dir(target, replace=False) as tmp:  # if another process finished first, keep its copy
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ImportError, MemoryError):
+            raise
+        except Exception as exc:  # the gguf reader's own errors (struct, KeyError, ...) say nothing of the file
+            raise InputFileError(f"{gguf} could not be read as a GGUF model ({type(exc).__name__}: {exc}); is it "
+                                 "truncated or of an unsupported architecture? Re-download it") from exc
         # the weights are already dequantised to float32; drop the GGUF marker so they can be saved as such
         model.hf_quantizer = None
         model.is_quantized = False
@@ -132,6 +141,56 @@ def dequantize_gguf(gguf: Path, progress: bool = True) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "pysafegeom_source.json").write_text(json.dumps({"source": str(gguf), "format": "gguf"}))
     return target
+
+
+def _check_gguf(path: Path) -> None:
+    """A .gguf file starts with the magic ``GGUF`` and a version; anything else is named as not GGUF."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise InputFileError(f"{path} is not a GGUF file: it starts with {head[:4]!r}, a GGUF file starts with b'GGUF' "
+                             f"({path.stat().st_size} bytes; truncated, or another format renamed .gguf?)")
+
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "vocab.txt")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A Hugging Face model folder: a readable config.json, whole weights and tokenizer files, each named if not."""
+    cfg = V.json_file(folder / "config.json", "a Hugging Face model config")
+    if not isinstance(cfg, dict) or not (cfg.get("model_type") or cfg.get("architectures")):
+        raise InputFileError(f"{folder / 'config.json'} is not a Hugging Face model config (no model_type or "
+                             "architectures field)")
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any((folder / w).is_file() for w in _WEIGHTS) and not list(folder.glob("pytorch_model*.bin")):
+        held = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing else"
+        raise MissingFile(f"model folder {folder} has config.json but no weights (model.safetensors, pytorch_model.bin "
+                          f"or a sharded *.index.json); it holds {held}. Copy the weights in, or pass the folder that "
+                          "has them")
+    for f in shards:
+        V.safetensors_file(f)
+    if not any((folder / t).is_file() for t in _TOKENIZER_FILES):
+        raise MissingFile(f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save it "
+                          "there with tokenizer.save_pretrained(folder), or copy the tokenizer files of the base model")
+
+
+def _check_spec(spec) -> None:
+    names = ", ".join(REGISTRY)
+    accepted = f"a model folder, a .gguf file or a registered name ({names})"
+    if isinstance(spec, (str, os.PathLike)):
+        if not str(spec).strip():
+            raise InvalidArgument(f"spec is an empty string; pass {accepted}")
+        return
+    if isinstance(spec, torch.nn.Module):
+        raise InvalidType(f"spec is already a loaded model ({type(spec).__name__}); load_model takes {accepted}. "
+                          "Use the model you have as it is, with its tokenizer")
+    if isinstance(spec, tuple) and spec and isinstance(spec[0], torch.nn.Module):
+        raise InvalidType("spec is a (model, tokenizer) pair, i.e. already loaded; use it as it is")
+    if V.looks_like_tokenizer(spec):
+        raise InvalidType(f"spec is a tokenizer ({type(spec).__name__}); load_model takes {accepted}")
+    raise InvalidType(f"spec must be {accepted}, got {type(spec).__name__} {V.show(spec)}")
 
 
 def resolve(spec: str | os.PathLike) -> Path:
@@ -191,20 +250,23 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else _default_device()
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    _check_spec(spec)
+    device = V.device("device", device) or _default_device()
+    dtype = V.dtype("dtype", dtype)
     folder = resolve(spec)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         return _load_adapter(folder, dtype, device)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else "auto"
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    _check_model_folder(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputFileError(f"{folder}: its tokenizer files could not be loaded ({type(exc).__name__}: {exc})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputFileError(f"{folder}: the model could not be loaded ({type(exc).__name__}: {exc})") from exc
     record = read_training_prompts(folder)
     if record is not None:
         attach_training_prompts(model, record)
@@ -216,11 +278,27 @@ def _load_adapter(folder: Path, dtype, device):
         from peft import PeftModel
     except ImportError:
         raise ImportError(f"{folder} is a LoRA adapter; loading it needs peft: pip install peft") from None
-    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg_file = folder / "adapter_config.json"
+    cfg = V.json_file(cfg_file, "a PEFT adapter config (a JSON object with base_model_name_or_path)")
+    if not isinstance(cfg, dict):
+        raise InputFileError(f"{cfg_file} holds a JSON {type(cfg).__name__}, not an object (a PEFT adapter config)")
     base = cfg.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise InputFileError(f"{cfg_file} names no base model (base_model_name_or_path is {V.show(base)}); set it to the "
+                             f"base model's folder, .gguf file or registered name ({', '.join(REGISTRY)})")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        V.safetensors_file(weights)
+    elif not (folder / "adapter_model.bin").is_file():
+        raise MissingFile(f"adapter folder {folder} has adapter_config.json but no adapter weights "
+                          "(adapter_model.safetensors or adapter_model.bin)")
     model, tok = load_model(base, dtype=dtype, device="cpu")
     base_record = training_prompts(model)
-    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputFileError(f"{folder}: the LoRA adapter does not load onto its base {base!r} "
+                             f"({type(exc).__name__}: {exc})") from exc
     own = read_training_prompts(folder)
     if own is not None or base_record is not None:
         attach_training_prompts(model, list(dict.fromkeys((base_record or []) + (own or []))))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgument
 from . import _backends, reference
 
 __all__ = [
@@ -53,8 +54,8 @@ class BackendUnavailable(RuntimeError):
     """A backend was forced that cannot run these inputs here."""
 
 
-class OpInputError(ValueError):
-    """Bad input to an op: the same error whichever backend would have run."""
+class OpInputError(InvalidArgument):
+    """Bad input to an op: the same error whichever backend would have run (a ``ValueError``)."""
 
 
 def backend_report() -> dict[str, str]:
@@ -331,6 +332,11 @@ def project_ablate(
     if v is not None:
         if not isinstance(v, torch.Tensor) or v.shape != (d,):
             raise OpInputError(f"v must have shape [d] = [{d}], got {tuple(v.shape) if isinstance(v, torch.Tensor) else v}")
+        if alpha == 0:
+            raise OpInputError("v is given but alpha=0, so v would be ignored: the op adds alpha * v; pass alpha= "
+                               "(1.0 adds v once), or v=None for ablation only")
+        if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+            raise OpInputError("v must be a floating-point tensor of finite values (it holds NaN, infinities or integers)")
         vf = v.detach().to(device=x.device, dtype=torch.float32).contiguous()
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise OpInputError("inplace=True on a tensor that requires grad; use inplace=False under autograd")
@@ -560,12 +566,19 @@ def sample_candidates(
     _check_index("ids", ids)
     _check_rank("ids", ids, 1, "[L]")
     L = ids.shape[0]
+    _check_float("grad", grad)
     if grad.dim() != 2 or grad.shape[0] != L:
         raise OpInputError(f"grad must have shape [L, V] with L = len(ids) = {L}, got {tuple(grad.shape)}")
     if not isinstance(width, int) or width < 1:
         raise OpInputError(f"width must be a positive integer, got {width!r}")
     if not isinstance(n_replace, int) or not 1 <= n_replace <= L:
         raise OpInputError(f"n_replace must be between 1 and L = {L}, got {n_replace!r}")
+    if not bool(torch.isfinite(grad).all()):
+        bad = (~torch.isfinite(grad)).nonzero()[0].tolist()
+        raise OpInputError(f"grad contains NaN or infinite values (first at [{bad[0]}, {bad[1]}]): the token gradient "
+                           "of a diverged loss cannot rank candidates; check the loss (a float16 overflow?)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise OpInputError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     top = masked_topk(grad, topk, forbidden, ids, backend=backend)  # [L, topk]
     if generator is None:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .. import validate as V
 from .._io import atomic_dir, check_output_path, recover
+from ..errors import InputFileError, InvalidArgument, InvalidType, MissingFile
 from ..protocol import metrics as M
 from ..protocol.capture import capture
 from ..protocol.carriers import Carriers, fit_carriers
@@ -103,11 +105,13 @@ class AnalysisResult:
 
         out = check_output_path(out_dir, overwrite, "dir", content="analysis")
         with atomic_dir(out, content="analysis") as tmp:
-            (tmp / "result.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
             save_file({"H": self.carriers.H.contiguous(), "R": self.carriers.R.contiguous(),
                        "Q_H": self.Q_H.contiguous(), "Q_R": self.Q_R.contiguous(),
                        **({"Q_H_layers": self.Q_H_layers.contiguous(), "Q_R_layers": self.Q_R_layers.contiguous()}
                           if self.Q_H_layers is not None else {})}, str(tmp / "carriers.safetensors"))
+            # the tensors' checksum, checked by load_result: a changed or corrupted byte is an error, not a number
+            d = {**self.to_json(), "tensors_sha256": V.sha256_file(tmp / "carriers.safetensors")}
+            (tmp / "result.json").write_text(json.dumps(d, indent=1, allow_nan=False))
             if report:
                 from ..report import render_report
 
@@ -116,22 +120,81 @@ class AnalysisResult:
 
 
 def load_result(path: str | os.PathLike) -> AnalysisResult:
-    """Read a folder written by :meth:`AnalysisResult.save`."""
+    """Read a folder written by :meth:`AnalysisResult.save` (or its ``result.json``).
+
+    Checked on the way in, each failure naming the file: ``result.json`` parses and holds every section;
+    ``carriers.safetensors`` is whole, matches the sha256 that ``save`` recorded, and its tensors have the
+    shapes the result describes (layers, positions, width) and no NaN in the carriers.
+    """
     from safetensors.torch import load_file
 
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise InvalidType(f"path must be the folder an analysis was saved to (str or Path), got "
+                          f"{type(path).__name__} {V.show(path)}")
     p = Path(path)
+    if p.name == "result.json" and p.is_file():
+        p = p.parent
     recover(p)  # an interrupted save of p is repaired first
-    if not (p / "result.json").is_file():
-        raise FileNotFoundError(f"{p} holds no result.json: not a folder written by AnalysisResult.save")
-    d = json.loads((p / "result.json").read_text())
+    if not p.exists():
+        raise MissingFile(f"{p} does not exist; pass the folder an analysis was saved to (AnalysisResult.save)")
+    rj = p / "result.json"
+    if not rj.is_file():
+        raise MissingFile(f"{p} holds no result.json: not a folder written by AnalysisResult.save")
+    d = V.json_file(rj, "a result written by AnalysisResult.save")
+    if not isinstance(d, dict):
+        raise InputFileError(f"{rj} holds a JSON {type(d).__name__}, not an analysis result object")
     if d.get("version") != RESULT_VERSION:
-        raise ValueError(f"{p}: result version {d.get('version')} is not {RESULT_VERSION}")
-    t = load_file(str(p / "carriers.safetensors"))
-    c = d["carriers"]
-    carriers = Carriers(c["layers"], c["post_names"], t["H"], t["R"], c["r_fit"], c["fit_note"], c["counts"])
-    return AnalysisResult(d["meta"], d["config"], carriers, Selection.from_dict(d["selection"]), d["metrics"],
+        raise InputFileError(f"{rj}: result version {d.get('version')!r} is not {RESULT_VERSION}; re-run the analysis "
+                             "with this version of pysafegeom")
+    missing = [k for k in ("meta", "config", "carriers", "selection", "metrics", "readouts", "separation") if k not in d]
+    if missing:
+        raise InputFileError(f"{rj} lacks {', '.join(missing)}: it is incomplete or was edited")
+    tf = p / "carriers.safetensors"
+    V.safetensors_file(tf)
+    want = d.get("tensors_sha256")
+    if want is not None and V.sha256_file(tf) != want:
+        raise InputFileError(f"{tf} does not match the sha256 recorded in {rj.name} at save: the file was changed or "
+                             "corrupted after the analysis wrote it; re-run the analysis or restore the file")
+    try:
+        t = load_file(str(tf))
+    except Exception as exc:  # safetensors' own error type
+        raise InputFileError(f"{tf} cannot be read ({type(exc).__name__}: {exc})") from exc
+    try:
+        c = d["carriers"]
+        _check_result_tensors(tf, d, t)
+        carriers = Carriers(c["layers"], c["post_names"], t["H"], t["R"], c["r_fit"], c["fit_note"], c["counts"])
+        selection = Selection.from_dict(d["selection"])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise InputFileError(f"{rj} is incomplete or was edited: {type(exc).__name__}: {exc}") from None
+    return AnalysisResult(d["meta"], d["config"], carriers, selection, d["metrics"],
                           d["readouts"], t["Q_H"], t["Q_R"], d["separation"], d.get("reopen"), d.get("sweeps"),
                           t.get("Q_H_layers"), t.get("Q_R_layers"))
+
+
+def _check_result_tensors(tf: Path, d: dict, t: dict) -> None:
+    """The tensors of a saved result have the shapes ``result.json`` describes, and finite carriers."""
+    gone = [k for k in ("H", "R", "Q_H", "Q_R") if k not in t]
+    if gone:
+        raise InputFileError(f"{tf} lacks the tensor(s) {', '.join(gone)}")
+    L, P = len(d["carriers"]["layers"]), len(d["carriers"]["post_names"])
+    H, R = t["H"], t["R"]
+    width = d.get("meta", {}).get("d_model") or (H.shape[-1] if H.dim() == 2 else None)
+    want = {"H": (L, width), "R": (L, P, width)}
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise InputFileError(f"{tf}: {name} has shape {list(t[name].shape)} but the result describes {list(shape)} "
+                                 f"({L} layers, {P} post-instruction positions, width {width}); the tensors belong to "
+                                 "another analysis")
+    for name in ("Q_H", "Q_R"):
+        if t[name].dim() != 2 or t[name].shape[0] != width:
+            raise InputFileError(f"{tf}: {name} has shape {list(t[name].shape)}, not [{width}, k]")
+    check = ["H", "R"] + (["Q_H", "Q_R"] if d.get("metrics", {}).get("k") else [])
+    for name in check:
+        x = t[name]
+        if not bool(torch.isfinite(x).all()):
+            bad = sorted({int(i) for i in (~torch.isfinite(x)).nonzero()[:, 0].tolist()})
+            where = f" at layers {[d['carriers']['layers'][i] for i in bad[:8]]}" if name in ("H", "R") else ""
+            raise InputFileError(f"{tf}: {name} holds NaN or infinite values{where}; the file is corrupt")
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -413,9 +476,21 @@ def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
     change of the selected carrier's layer and position (relocation). Both results must come from models
     of the same width and depth.
     """
+    for name, r in (("a", a), ("b", b)):
+        if not isinstance(r, AnalysisResult):
+            raise InvalidType(f"drift({name}=...) takes AnalysisResult objects, got {type(r).__name__} {V.show(r)}"
+                              + ("; read a saved folder with load_result(path) first" if isinstance(r, (str, os.PathLike))
+                                 else ""))
+        for what in ("H", "R"):
+            x = getattr(r.carriers, what)
+            if not bool(torch.isfinite(x).all()):
+                flat = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1)
+                layers = [r.carriers.layers[i] for i in flat.nonzero()[:, 0].tolist()]
+                raise InvalidArgument(f"drift: result {name} ({r.meta.get('model', '?')}) has NaN or infinite {what} at "
+                                      f"layers {layers[:8]}; its drift would be meaningless there")
     ca, cb = a.carriers, b.carriers
     if ca.H.shape != cb.H.shape or ca.R.shape != cb.R.shape:
-        raise ValueError(f"results are not comparable: H {tuple(ca.H.shape)} vs {tuple(cb.H.shape)}, "
+        raise InvalidArgument(f"results are not comparable: H {tuple(ca.H.shape)} vs {tuple(cb.H.shape)}, "
                          f"R {tuple(ca.R.shape)} vs {tuple(cb.R.shape)}")
     col_a, col_b = ca.post_names.index("eoi-1"), cb.post_names.index("eoi-1")
 

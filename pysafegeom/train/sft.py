@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .. import validate as V
 from .._io import atomic_dir, check_output_path, mark_dir, read_marker, recover_all
+from ..errors import InputFileError, InvalidArgument, InvalidType, MissingFile
 from ..models.provenance import attach_training_prompts, read_training_prompts, training_prompts, write_training_prompts
 from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
 
@@ -76,44 +78,46 @@ class TrainConfig:
     system: str | None = None
 
     def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the bad option; returns self."""
+        """Raise :class:`~pysafegeom.errors.InvalidArgument` / ``InvalidType`` (a ``ValueError`` / ``TypeError``)
+        naming the bad option; returns self (``save_at`` sorted, a single refusal phrasing made a one-item tuple)."""
         if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(sorted(RECIPES))}")
+            raise InvalidArgument(f"unknown recipe {self.recipe!r}; available: {', '.join(sorted(RECIPES))}")
 
-        def bad(name, why):
-            raise ValueError(f"invalid training option {name}={getattr(self, name)!r}: {why}")
+        def check(name, fn, *args, **kw):
+            try:
+                return fn(name, getattr(self, name), *args, **kw)
+            except (InvalidArgument, InvalidType) as exc:
+                raise type(exc)(f"invalid training option {name}={getattr(self, name)!r}: {exc}") from None
 
-        if not isinstance(self.steps, int) or self.steps < 1:
-            bad("steps", "must be an integer >= 1")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            bad("lr", "must be a positive finite number")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
-        if self.schedule not in ("cosine", "constant"):
-            bad("schedule", "must be 'cosine' or 'constant'")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            bad("warmup_steps", f"must be in [0, steps={self.steps}]")
-        if self.batch_size < 1:
-            bad("batch_size", "must be >= 1")
-        if self.grad_accum < 1:
-            bad("grad_accum", "must be >= 1")
-        if self.max_len < 2:
-            bad("max_len", "must be >= 2")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+        check("steps", V.positive_int)
+        # AdamW moves every weight by about lr per step: above 1 a run diverges at once
+        check("lr", V.finite_float, lo=0.0, hi=1.0, lo_open=True, hint="AdamW learning rates that work lie in 1e-6..1e-2")
+        check("weight_decay", V.finite_float, lo=0.0)
+        check("schedule", V.choice, ("cosine", "constant"))
+        check("warmup_steps", V.integer, lo=0, hi=self.steps, hint=f"linear warmup steps, at most steps={self.steps}")
+        check("batch_size", V.positive_int)
+        check("grad_accum", V.positive_int)
+        check("max_len", V.integer, lo=2)
+        check("max_grad_norm", V.finite_float, lo=0.0, hint="0 disables clipping")
+        check("seed", V.integer)
+        check("lora", V.boolean)
         if self.lora:
-            if not isinstance(self.lora_r, int) or self.lora_r < 1:
-                bad("lora_r", "must be an integer >= 1")
-            if self.lora_alpha <= 0:
-                bad("lora_alpha", "must be > 0")
-            if not 0 <= self.lora_dropout < 1:
-                bad("lora_dropout", "must be in [0, 1)")
-        self.save_at = tuple(sorted(set(int(s) for s in self.save_at)))
+            check("lora_r", V.positive_int)
+            check("lora_alpha", V.finite_float, lo=0.0, lo_open=True)
+            check("lora_dropout", V.finite_float, lo=0.0, hi=1.0, hi_open=True)
+            check("lora_targets", V.str_list)
+        if isinstance(self.save_at, int) and not isinstance(self.save_at, bool):
+            self.save_at = (self.save_at,)
+        check("save_at", V.int_list_option, lo=1)
+        self.save_at = tuple(sorted(set(V.int_list_option("save_at", self.save_at))))
         for s in self.save_at:
             if not 1 <= s <= self.steps:
-                bad("save_at", f"step {s} is outside 1..steps={self.steps}")
-        if not self.refusal_phrasings or any(not str(r).strip() for r in self.refusal_phrasings):
-            bad("refusal_phrasings", "must be a non-empty list of non-empty strings")
+                raise InvalidArgument(f"invalid training option save_at={self.save_at!r}: step {s} is outside "
+                                      f"1..steps={self.steps}")
+        self.refusal_phrasings = tuple(check("refusal_phrasings", V.str_list))  # one string is one phrasing
+        for opt in ("template", "system"):
+            if getattr(self, opt) is not None and not isinstance(getattr(self, opt), str):
+                raise InvalidType(f"invalid training option {opt}={getattr(self, opt)!r}: must be a string or None")
         return self
 
 
@@ -302,12 +306,24 @@ def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, con
     return final
 
 
+def _check_finite_weights(params, step: int, config: TrainConfig) -> None:
+    """Refuse to checkpoint NaN or infinite weights (a diverged run)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise InvalidArgument(f"training diverged at step {step}: some trained weights are NaN or infinite (lr="
+                              f"{config.lr:g}; try a smaller lr, e.g. 2e-4); checkpoint-{step} was not written")
+
+
 def _trainable_state(model, config) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_parameters() if v.requires_grad}
 
 
 def _load_weights(model, ckpt: Path, config: TrainConfig) -> None:
     from safetensors.torch import load_file
+
+    if config.lora and not (ckpt / "adapter_model.safetensors").is_file():
+        raise MissingFile(f"checkpoint {ckpt} has no adapter_model.safetensors; delete it to resume from the one before")
+    for f in ckpt.glob("*.safetensors"):
+        V.safetensors_file(f)  # a truncated file is named, not a deserialising error
 
     if config.lora:
         from peft import set_peft_model_state_dict
@@ -342,8 +358,15 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     overwrite: write into an ``out_dir`` that is not a training folder of this package (see :func:`claim_out_dir`;
         otherwise such a folder raises :class:`~pysafegeom.errors.OutputExists` before any work starts).
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise InvalidType(f"config must be a TrainConfig, got {type(config).__name__}")
     config = (config or TrainConfig()).validate()
     claim_out_dir(out_dir, overwrite=overwrite, create=False)
+    if V.boolean("resume", resume) and not checkpoints(out_dir):
+        partial = sorted(d.name for d in Path(out_dir).glob("checkpoint-*") if d.is_dir()) if Path(out_dir).is_dir() else []
+        raise MissingFile(f"resume=True but {out_dir} holds no complete checkpoint (checkpoint-N/{STATE_FILE}) to "
+                          "resume from" + (f"; {', '.join(partial)} lack {STATE_FILE} (interrupted saves?)" if partial
+                                           else "") + "; pass resume=False to start a new run")
     examples = as_examples(examples)
     if not examples:
         raise ValueError("empty dataset: no training examples")
@@ -382,7 +405,16 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
         found = checkpoints(out_dir)
         if found:
             resumed_from, ckpt = max(found.items())
-            state = torch.load(ckpt / STATE_FILE, weights_only=False)
+            try:
+                state = torch.load(ckpt / STATE_FILE, weights_only=False)
+            except Exception as exc:  # torch's zip reader errors say nothing of which file
+                raise InputFileError(f"{ckpt / STATE_FILE} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                                     f"delete {ckpt} to resume from the checkpoint before it") from exc
+            lost = [k for k in ("step", "cursor", "losses", "optimizer", "scheduler", "rng", "recipe", "config")
+                    if not isinstance(state, dict) or k not in state]
+            if lost:
+                raise InputFileError(f"{ckpt / STATE_FILE} lacks {', '.join(lost)}: not a pysafegeom trainer state; "
+                                     f"delete {ckpt} to resume from the checkpoint before it")
             old = {k: v for k, v in state["config"].items() if k not in ("save_at",)}
             new = {k: v for k, v in asdict(config).items() if k not in ("save_at",)}
             diff = [k for k in new if json.dumps(old.get(k), default=str) != json.dumps(new[k], default=str)]
@@ -424,6 +456,10 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
                 loss = recipe.build_loss(batch) * (n_i / n_total)
                 loss.backward()
                 total += float(loss.detach())
+            if not math.isfinite(total):  # before the step: the weights are still those of the last good step
+                raise InvalidArgument(f"training diverged at step {step + 1}: the loss is {total} (lr={config.lr:g}; "
+                                      "try a smaller lr, e.g. 2e-4, or max_grad_norm=1.0); no checkpoint was written "
+                                      "for this step")
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -436,6 +472,7 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
                             lr=f"{scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
             if step in save_steps:
+                _check_finite_weights(params, step, config)
                 saved[step] = str(_save_checkpoint(model, tokenizer, optimizer, scheduler, recipe, config, out_dir,
                                                    step, cursor, losses, base_spec, train_prompts))
             if callback is not None:
