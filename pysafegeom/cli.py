@@ -53,13 +53,10 @@ def _default_examples():
 
 def _cmd_demo(args) -> int:
     """Environment, prompt positions, then the full protocol on the unaligned base and the aligned anchor, one report."""
-    import json as _json
     from pathlib import Path
 
     from . import info
-    from ._io import atomic_write_text
-    from .pipelines.analyze import analyze, anchor_findings, load_result
-    from .report import render_comparison
+    from .pipelines.demo import run_demo
 
     out = _claim_demo_dir(Path(args.out), args.overwrite)  # before any work
     t_all = time.perf_counter()
@@ -68,29 +65,10 @@ def _cmd_demo(args) -> int:
     _show_positions(args.base, [p.text for p in _default_examples()], None, None)
     opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "interventions": not args.no_interventions,
             "n_controls": args.n_controls, "max_new_tokens": args.max_new_tokens, "n_behaviour": args.n_behaviour}
-    results = {}
-    for label, spec in (("base", args.base), ("anchor", args.anchor)):
-        sub = out / label
-        done = sub / "result.json"
-        if done.is_file() and not args.fresh:  # resumable: a finished model is not redone with the same options
-            prev = _json.loads(done.read_text())
-            if prev["meta"]["model"] == spec and all(prev["config"].get(k) == v for k, v in opts.items()):
-                print(f"\n{label}: reusing the finished result in {sub} (--fresh to redo)")
-                results[label] = load_result(sub)
-                continue
-        print(f"\n[{label}] running the full protocol on {spec}: carriers, selection over every {args.layer_stride}. layer "
-              f"({args.n_val} validation prompts per side), coupling"
-              + (f", reopen table with {args.n_controls} matched controls and the four behavioural diagnostics" if opts["interventions"] else "")
-              + " ...", flush=True)
-        res = analyze(spec, **opts)
-        res.save(sub, overwrite=args.overwrite)
-        results[label] = res
-        print("\n".join("  " + line for line in res.metrics["summary"]))
-    findings = anchor_findings(results["anchor"], results["base"])
-    atomic_write_text(out / "report.html", render_comparison({f"{k}: {r.meta['model']}": r for k, r in results.items()}, findings,
-                                                             "pysafegeom demo: unaligned base vs aligned anchor"))
+    done = run_demo(args.base, args.anchor, out, opts, fresh=args.fresh, overwrite=True,  # the folder was claimed above
+                    echo=lambda line: print(line, flush=True))
     print("\nDoes the anchor reproduce the published anchor findings?")
-    print("\n".join("  " + f for f in findings))
+    print("\n".join("  " + f for f in done["findings"]))
     print(f"\nreport: {out / 'report.html'}  (demo run time {time.perf_counter() - t_all:.0f} s)")
     return 0
 

@@ -233,7 +233,9 @@ def _find_in_hf_cache(repo_id: str) -> Path | None:
 
         p = Path(snapshot_download(repo_id, local_files_only=True))
         return p if (p / "config.json").is_file() else None
-    except Exception:
+    except ImportError:  # huggingface_hub not installed: there is no hub cache to look in
+        return None
+    except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError is an OSError), or not a repo id
         return None
 
 

@@ -557,11 +557,14 @@ def anchor_findings(anchor: AnalysisResult, base: AnalysisResult | None = None) 
         sig = next((n for n in anchor.reopen.get("notes", []) if n.startswith("paired McNemar")), "")
         beyond = r.get("delta_asr_percentile")
         if more is not None:
+            h_all = rows.get("ablate H (all positions)")
             out.append(("Finding 2 reproduced" if more else "Finding 2 not reproduced")
-                       + f": R ablation ΔASR {r['delta_asr']:+.0%} vs H ablation {h['delta_asr']:+.0%} "
-                       f"(n = {anchor.reopen['n']['harmful']}; {sig}"
+                       + f": R ablation (every position) ΔASR {r['delta_asr']:+.0%} vs H-only ablation (the instruction "
+                       f"positions) {h['delta_asr']:+.0%}"
+                       + (f"; H at every position {h_all['delta_asr']:+.0%}" if h_all is not None else "")
+                       + f" (n = {anchor.reopen['n']['harmful']}; {sig}"
                        + (f"; R at the {beyond:.0f}th percentile of its random controls" if beyond is not None else "") + ")."
-                       + ("" if not more or "p = " not in sig or float(sig.split("= ")[-1]) < 0.05 else
+                       + ("" if "p = " not in sig or float(sig.split("= ")[-1]) < 0.05 else
                           " The difference is not significant at this sample size."))
         if base is not None and base.reopen:
             b0 = base.reopen["diagnostics"]["robust_refusal"]["value"]
