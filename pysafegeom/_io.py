@@ -78,6 +78,22 @@ def mark_dir(path: str | os.PathLike, content: str) -> Path:
 
 # ---------------------------------------------------------------- checking an output path
 
+def _check_writable(folder: Path, target: Path) -> None:
+    """Raise :class:`~pysafegeom.errors.OutputNotWritable` unless a file can be created in ``folder`` (tried, not
+    guessed from permission bits: root, read-only mounts and ACLs all answer truly)."""
+    import tempfile
+
+    from .errors import OutputNotWritable
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pysafegeom-probe-", dir=folder)
+    except OSError as exc:
+        raise OutputNotWritable(f"cannot write {target}: its folder {folder} is not writable ({exc.strerror}); "
+                                f"choose another output path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "dir", *,
                       content: str | None = None) -> Path:
     """Raise :class:`~pysafegeom.errors.OutputExists` unless ``path`` may be written; return it as a Path.
@@ -113,6 +129,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: st
         if a.exists():
             if not a.is_dir():
                 raise OutputExists(f"{a} is a file, so {p} cannot be created inside it; choose another output path")
+            _check_writable(a, p)
             break
     recover(p)
     if not (p.exists() or p.is_symlink()):

@@ -28,9 +28,13 @@ class OutputExists(PysafegeomError, FileExistsError):
     """An output path exists and was not written by pysafegeom (pass overwrite=True / --overwrite to replace it)."""
 
 
+class OutputNotWritable(PysafegeomError, PermissionError):
+    """An output path lies in a folder that cannot be written (read-only, no permission, a pseudo-filesystem)."""
+
+
 class DataOverlap(PysafegeomError, ValueError):
     """Prompt sets overlap where they must be disjoint (fit vs evaluation, or a model's own training prompts)."""
 
 
 __all__ = ["DataOverlap", "InputFileError", "InvalidArgument", "InvalidType", "MissingFile", "OutputExists",
-           "PysafegeomError"]
+           "OutputNotWritable", "PysafegeomError"]

@@ -508,3 +508,18 @@ def test_export_adapter_refuses_a_user_folder(tmp_path):
     export_adapter(ckpt, shipped, overwrite=True)  # writes the adapter files in, keeps the rest
     assert sorted(os.listdir(shipped)) == ["RECIPE.md", "adapter_config.json", "adapter_model.safetensors"]
     assert sorted(os.listdir(export_adapter(ckpt, tmp_path / "new"))) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tok, monkeypatch):
+    """/proc cannot hold a new folder (even for root): analyze says so before the first forward pass."""
+    from pysafegeom.errors import OutputNotWritable
+    from pysafegeom.models import tiny_model
+    from pysafegeom.pipelines import analyze as A
+
+    with pytest.raises(OutputNotWritable, match="/proc"):
+        check_output_path("/proc/pysafegeom-out/result", False, "dir", content="analysis")
+    monkeypatch.setattr(A, "capture", lambda *a, **k: pytest.fail("capture ran before the output was checked"))
+    model = tiny_model("llama", tokenizer=tok, n_layers=1, d_model=32)
+    with pytest.raises(PermissionError, match="not writable"):
+        A.analyze(model, ["a b c", "d e f", "g h i"], ["j k l", "m n o", "p q r"], ["s t u"], tokenizer=tok,
+                  out="/proc/pysafegeom-out", progress=False)

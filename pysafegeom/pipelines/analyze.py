@@ -272,12 +272,9 @@ def analyze(
             raise TypeError(f"unknown analyze option {k!r}; options are {', '.join(asdict(cfg))}")
         setattr(cfg, k, v)
     loaded = not isinstance(model, (str, os.PathLike))
-    try:
-        from ..validate import check_analyze_config
-    except ImportError:  # pragma: no cover - the validation layer is optional while it is being built
-        check_analyze_config = None
-    if check_analyze_config is not None:
-        check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
+    from ..validate import check_analyze_config
+
+    check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
     if not cfg.interventions and (judges is not None or attacks is not None):
         raise ValueError("judges= and attacks= are used by the reopen table: pass interventions=True as well")
     if cfg.interventions and judges is not None and not list(judges):
