@@ -170,3 +170,28 @@ def test_q_at_the_selected_carrier_uses_rs_position(model, tok):
     fit = res.metrics["subspace_fit"]
     assert fit["Q_R_position"] == res.metrics["reference"]["position"] == "eoi-3"
     assert res.Q_H_layers.shape[0] == len(res.carriers.layers) and res.Q_R_layers.shape[1] == res.carriers.H.shape[1]
+
+
+def test_cli_refuses_training_prompts_in_one_line_and_allow_overlap_runs(tok, tmp_path):
+    import subprocess
+    import sys
+
+    from pysafegeom.models.provenance import write_training_prompts
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_training_prompts(folder, [HARMLESS[4]])
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS) + "\n")
+    (tmp_path / "xs.txt").write_text("\n".join(XS) + "\n")
+    cmd = [sys.executable, "-m", "pysafegeom", "analyze", "--model", str(folder), "--harmful", str(tmp_path / "harmful.txt"),
+           "--harmless", str(tmp_path / "harmless.txt"), "--xstest", str(tmp_path / "xs.txt"), "--out", str(tmp_path / "res"),
+           "--n-val", "2", "--positions", "eoi-1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "trained on" in p.stderr and "--allow-overlap" in p.stderr and not (tmp_path / "res").exists()
+    p = subprocess.run(cmd + ["--allow-overlap"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = json.loads((tmp_path / "res" / "result.json").read_text())
+    assert saved["meta"]["overlap_override"] == {"harmless": 1}
