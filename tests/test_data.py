@@ -31,10 +31,10 @@ from pysafegeom.data import (
 )
 
 NAMES = ["harmful", "harmless", "xstest_safe", "xstest_unsafe", "benign"]
-COUNTS = {"harmful": 120, "harmless": 120, "xstest_safe": 60, "xstest_unsafe": 24, "benign": 60}
+COUNTS = {"harmful": 160, "harmless": 160, "xstest_safe": 60, "xstest_unsafe": 24, "benign": 60}
 SPLIT_COUNTS = {
-    "harmful": (72, 24, 24),
-    "harmless": (72, 24, 24),
+    "harmful": (96, 32, 32),
+    "harmless": (96, 32, 32),
     "xstest_safe": (36, 12, 12),
     "xstest_unsafe": (14, 5, 5),
     "benign": (36, 12, 12),
@@ -70,7 +70,7 @@ def test_bundled_counts_and_fixed_splits(name):
 
 
 def test_minimum_sizes():
-    assert len(load_default("harmful")) >= 120 and len(load_default("harmless")) >= 120
+    assert len(load_default("harmful")) >= 160 and len(load_default("harmless")) >= 160
     assert len(load_default("xstest_safe")) >= 50 and len(load_default("xstest_unsafe")) >= 20
     assert len(load_default("benign")) >= 50
 
@@ -125,8 +125,36 @@ def test_harmful_and_harmless_are_stratified_and_length_matched():
             assert {s: splits.count(s) for s in set(splits)} == {"train": 6, "val": 2, "test": 2}, (name, c)
     assert {"weapons", "cybercrime", "fraud", "drugs", "violence", "harassment", "self_harm", "privacy",
             "disinformation", "hate"} <= {p.category for p in load_default("harmful")}
+    assert {p.category for p in load_default("harmful")} == {p.category for p in load_default("harmless")}
     words = {n: statistics.mean(len(p.text.split()) for p in load_default(n)) for n in ("harmful", "harmless")}
-    assert 0.8 < words["harmful"] / words["harmless"] < 1.25, words
+    assert 0.9 < words["harmful"] / words["harmless"] < 1.1, words
+
+
+def test_harmful_and_harmless_are_paired_twins():
+    """Every harmless prompt is the twin of one harmful prompt: same split, category and request form
+    (first word), similar length, and no final punctuation on either side (t_inst is the last word)."""
+    harmful, harmless = raw_records("harmful"), raw_records("harmless")
+    by_id = {r["id"]: r for r in harmless}
+    assert sorted(r["pair"] for r in harmful) == sorted(by_id)
+    for h in harmful:
+        twin = by_id[h["pair"]]
+        assert twin["pair"] == h["id"]
+        assert (twin["split"], twin["category"]) == (h["split"], h["category"]), (h, twin)
+        assert twin["prompt"].split()[0] == h["prompt"].split()[0], (h["prompt"], twin["prompt"])
+        assert abs(len(twin["prompt"].split()) - len(h["prompt"].split())) <= 4, (h["prompt"], twin["prompt"])
+    for r in harmful + harmless:
+        assert r["prompt"][-1].isalnum(), r["prompt"]
+    # the documented split rule (datasets/README.md), recomputed
+    import random
+
+    pattern, k, want = ["train", "val", "train", "test", "train"], 0, {}
+    for cat in dict.fromkeys(r["category"] for r in harmful):
+        ids = [r["id"] for r in harmful if r["category"] == cat]
+        order = list(range(len(ids)))
+        random.Random(f"pairs/{cat}").shuffle(order)
+        for i in order:
+            want[ids[i]], k = pattern[k % 5], k + 1
+    assert {r["id"]: r["split"] for r in harmful} == want
 
 
 def test_xstest_style_types():
