@@ -92,7 +92,7 @@ def test_selection_rules(result, model):
     for c in sel.candidates:
         assert c.pruned == (c.layer >= int(0.8 * L))
         if c.admissible:
-            assert c.kl <= sel.kl_threshold and c.induce >= 0
+            assert c.kl <= sel.kl_tau and c.induce >= 0
     if sel.outcome == "none":
         assert sel.layer is None and sel.notes
     else:

@@ -39,6 +39,10 @@ class AnalysisConfig:
     selection_layer_stride: int = 1       # evaluate every n-th layer (1: all)
     kl_threshold: float = 0.1
     relaxed_kl_threshold: float = 0.2
+    kl_rule: str = "calibrated"           # "calibrated": KL <= max(kl_threshold, p-th pct of random directions); "fixed": Arditi
+    kl_percentile: float = 90.0           # p of the calibrated rule (docs/protocol.md, section 2)
+    n_kl_controls: int = 16               # random unit directions that calibrate the KL rule
+    filter_val: bool = True               # behaviour-filter the validation sets (Arditi's filter_val)
     min_filtered: int = 16                # behaviour-filtered sets need this many prompts each
     k: int = 3                            # low-rank carrier size
     template: str | None = None
@@ -333,7 +337,8 @@ def analyze(
         sel = select_carrier(model, tokenizer, car, enc["harmful_val"], enc["harmless_val"], rtoks,
                              positions=cfg.selection_positions, layers=sel_layers, kl_threshold=cfg.kl_threshold,
                              relaxed_threshold=cfg.relaxed_kl_threshold, template=cfg.template, system=cfg.system,
-                             batch_size=cfg.batch_size or 32, progress=progress)
+                             batch_size=cfg.batch_size or 32, progress=progress, filter_val=cfg.filter_val,
+                             kl_rule=cfg.kl_rule, kl_percentile=cfg.kl_percentile, n_kl_controls=cfg.n_kl_controls)
         store.save("selection", json.dumps(sel.to_dict()))
     else:
         sel = Selection.from_dict(json.loads(blob))

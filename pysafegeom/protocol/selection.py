@@ -256,8 +256,8 @@ def select_carrier(
     filter_val: bool = True,
     min_val_filtered: int = 4,
     kl_rule: str = "calibrated",
-    n_kl_controls: int = 8,
-    kl_percentile: float = 50.0,
+    n_kl_controls: int = 16,
+    kl_percentile: float = 90.0,
     seed: int = 0,
     induce_rule: str = INDUCE_RULE,
 ) -> Selection:
