@@ -203,6 +203,71 @@ _STEPS = _text_arg("int_list_option", lo=1)
 _DEVICE, _DTYPE = _text_arg("device"), _text_arg("dtype")
 
 
+def _cmd_check_sets(args) -> int:
+    """Compare the user's harmful/harmless sets with reference sets on one model; exit 0 when they agree, 1 when not."""
+    from pathlib import Path
+
+    from ._io import atomic_write_text, check_output_path
+    from .data import load_prompts
+    from .errors import InvalidArgument
+    from .models import load_model
+    from .pipelines.check_sets import check_sets
+
+    refs = [r.strip() for r in args.reference.split(",")]
+    if len(refs) != 2 or not all(refs):
+        raise InvalidArgument(f"--reference must name two files, harmful then harmless, separated by a comma "
+                              f"(e.g. harmful_val.json,harmless_val.json); got {args.reference!r}")
+    out = check_output_path(args.out, args.overwrite, "file") if args.out else None
+
+    def load(spec, role, split=None):
+        prompts = load_prompts(spec, role=role, split=split)
+        return [p.text for p in prompts][: args.max_prompts]
+
+    sets = [load(args.harmful, "harmful", args.split), load(args.harmless, "harmless", args.split),
+            load(refs[0], "harmful"), load(refs[1], "harmless")]
+    model, tok = load_model(args.model, device=args.device)
+    res = check_sets(model, tok, *sets, template=args.template, batch_size=args.batch_size, seed=args.seed,
+                     strip_final_punctuation=args.strip_final_punctuation)
+    print("\n".join(res.summary()))
+    if out is not None:
+        atomic_write_text(out, json.dumps({"model": args.model, "harmful": args.harmful, "harmless": args.harmless,
+                                           "reference": refs, "split": args.split, "max_prompts": args.max_prompts,
+                                           **res.to_dict()}, indent=2) + "\n")
+        print(f"wrote {Path(out)}")
+    return 0 if res.passed else 1
+
+
+def _add_check_sets(sub) -> None:
+    from .models import DEFAULT_MODEL
+
+    s = sub.add_parser(
+        "check-sets", help="check harmful/harmless prompt sets for confounds against reference sets (exit 0: they agree)",
+        description="Fit the unfiltered difference-of-means carriers H (t_inst) and R (t_post_inst) of your sets and of "
+                    "reference sets on one model, and compare: the mid-band coupling |cos(H, R)| of each (must agree "
+                    "within 0.05), and cos(H_yours, H_ref), cos(R_yours, R_ref) (each must reach the reference sets' own "
+                    "split-half agreement minus 0.1). Exit code 0 when the sets agree, 1 when not, 2 on an error.",
+        epilog="example: pysafegeom check-sets --model smollm2-135m-instruct --harmful harmful --harmless harmless "
+               "--split train --reference harmful_val.json,harmless_val.json --max-prompts 128 --out check.json")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
+    s.add_argument("--harmful", required=True, help="your harmful prompts: a file, or a bundled set name (harmful)")
+    s.add_argument("--harmless", required=True, help="your harmless prompts: a file, or a bundled set name (harmless)")
+    s.add_argument("--reference", required=True, help="reference harmful and harmless files, comma-separated (e.g. the "
+                   "refusal_direction splits harmful_val.json,harmless_val.json)")
+    s.add_argument("--split", default=None, choices=["train", "val", "test"], help="use only this split of --harmful and "
+                   "--harmless (files without splits are split 60/20/20 deterministically; default: all prompts)")
+    s.add_argument("--max-prompts", type=_POS, default=None, help="use at most the first N prompts of each set (default: all)")
+    s.add_argument("--out", default=None, help="write the numbers and the verdict as JSON to this file")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.add_argument("--template", default=None, help="chat template name or Jinja string (default: the tokenizer's)")
+    s.add_argument("--batch-size", type=_POS, default=None, help="prompts per forward pass (default: chosen to fit memory)")
+    s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--strip-final-punctuation", action="store_true", help="drop a trailing . ? ! from every prompt first, "
+                   "so t_inst is the last word in all four sets (the refusal_direction harmful prompts end with a word, "
+                   "its Alpaca harmless prompts mostly with a full stop)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the reference split halves (default 0)")
+    s.set_defaults(func=_cmd_check_sets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -308,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled train split)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.set_defaults(func=_cmd_train)
+
+    _add_check_sets(sub)
     return p
 
 
