@@ -19,6 +19,10 @@ Besides the verdict, the check reports how many prompts of each set end with pun
 harmful and harmless sets of a pair differ there, t_inst is a different token in the two sets and H
 carries the punctuation (the public refusal_direction sets differ so: their harmful prompts mostly end
 with a word, their Alpaca harmless prompts with a full stop).
+
+A reference pair is only as good as its own matching: agreement with it means "measures what the
+reference measures", confounds included. On SmolLM2-135M the refusal_direction carriers mostly encode
+request form (see pysafegeom/datasets/README.md), so form-matched sets disagree with them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class SetCheck:
     hold ``nan`` where a carrier is zero (layer 0 at the template positions, where every prompt has the
     same token). ``band = (lo, hi)``: the mid band lo <= l < hi; ``*_mid`` are nan-means over it.
     ``kappa_difference`` = user - reference. ``split_half_h`` / ``split_half_r``: the reference sets'
-    split-half agreement (noise floor). ``endings``: per set, the share of prompts whose last character
+    split-half agreement (noise floor); ``user_split_half_*_mid``: the same for the user's sets (not part
+    of the verdict: how reliable the user's own carriers are). ``endings``: per set, the share of prompts whose last character
     is not a letter or digit. ``failures``: one sentence per failed check (empty when ``passed``).
     """
 
@@ -69,6 +74,8 @@ class SetCheck:
     cos_r_mid: float
     split_half_h_mid: float
     split_half_r_mid: float
+    user_split_half_h_mid: float
+    user_split_half_r_mid: float
     counts: dict[str, int]
     endings: dict[str, float]
     n_splits: int
@@ -108,6 +115,8 @@ class SetCheck:
             f"Agreement of the refusal carriers, mid-band mean cos(R_user, R_ref): {_f(self.cos_r_mid)}; "
             f"the reference sets' split-half agreement is {_f(self.split_half_r_mid)} "
             f"(so at least {_f(self.split_half_r_mid - self.agreement_margin)} is needed).",
+            f"For comparison, the user's own sets have a split-half agreement of {_f(self.user_split_half_h_mid)} (H) "
+            f"and {_f(self.user_split_half_r_mid)} (R).",
         ]
         if self.passed:
             out.append("Verdict: the user's sets agree with the reference sets.")
@@ -283,9 +292,11 @@ def check_sets(
     H_r, R_r = carriers("reference_harmful", "reference_harmless")
     kappa_u, kappa_r = layer_cos(H_u, R_u).abs(), layer_cos(H_r, R_r).abs()
     cos_h, cos_r = layer_cos(H_u, H_r), layer_cos(R_u, R_r)
-    rows = {name: cap.per_prompt[alias[name]] for name in ("reference_harmful", "reference_harmless")}
+    rows = {name: cap.per_prompt[alias[name]] for name in SET_NAMES}
     sh_h = split_half(rows["reference_harmful"]["t_inst"], rows["reference_harmless"]["t_inst"], n_splits, seed)
     sh_r = split_half(rows["reference_harmful"][position], rows["reference_harmless"][position], n_splits, seed)
+    ush_h = split_half(rows["harmful"]["t_inst"], rows["harmless"]["t_inst"], n_splits, seed)
+    ush_r = split_half(rows["harmful"][position], rows["harmless"][position], n_splits, seed)
 
     mids = {k: _band_mean(v, idx) for k, v in
             (("ku", kappa_u), ("kr", kappa_r), ("ch", cos_h), ("cr", cos_r), ("sh", sh_h), ("sr", sh_r))}
@@ -309,6 +320,7 @@ def check_sets(
         split_half_h=lst(sh_h), split_half_r=lst(sh_r),
         kappa_user_mid=mids["ku"], kappa_reference_mid=mids["kr"], kappa_difference=mids["ku"] - mids["kr"],
         cos_h_mid=mids["ch"], cos_r_mid=mids["cr"], split_half_h_mid=mids["sh"], split_half_r_mid=mids["sr"],
+        user_split_half_h_mid=_band_mean(ush_h, idx), user_split_half_r_mid=_band_mean(ush_r, idx),
         counts={name: len(t) for name, t in texts.items()}, endings=endings, n_splits=n_splits, seed=seed,
         strip_final_punctuation=strip_final_punctuation, passed=passed, failures=failures, notes=notes,
     )
