@@ -23,6 +23,7 @@ _LAZY = {
     "export_orthogonalized": ("pysafegeom.interventions", "export_orthogonalized"),
     "sweep": ("pysafegeom.interventions", "sweep"),
     "reopen_attacks": ("pysafegeom.pipelines.reopen", "reopen_attacks"),
+    "check_sets": ("pysafegeom.pipelines.check_sets", "check_sets"),
 }
 
 

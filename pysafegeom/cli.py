@@ -1,4 +1,4 @@
-"""Command line: ``pysafegeom info | positions | analyze | demo``.
+"""Command line: ``pysafegeom info | positions | analyze | check-sets | train | demo``.
 
 Run ``pysafegeom <command> --help`` for each command's options.
 """

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pysafegeom.models import tiny_model
 from pysafegeom.pipelines.check_sets import SetCheck, check_sets, layer_cos, split_half, verdict
@@ -197,23 +198,84 @@ def public_reference(shared_data):
                  for side in ("harmful", "harmless"))
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("spec", ["smollm2-135m-instruct", "smollm2-135m-safety"])
-def test_bundled_sets_agree_with_public_sets(spec, public_reference):
-    from pysafegeom.data import load_default
+def _load(spec):
     from pysafegeom.models import ModelNotFound, load_model
 
     try:
-        model, tk = load_model(spec, device="cpu")
+        return load_model(spec, device="cpu")
     except ModelNotFound as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def bundled_vs_public(public_reference):
+    """check_sets of the bundled train splits against the public reference, per model (computed once)."""
+    from pysafegeom.data import load_default
+
     harmful = [p.text for p in load_default("harmful", "train")]
     harmless = [p.text for p in load_default("harmless", "train")]
-    res = check_sets(model, tk, harmful, harmless, *public_reference, strip_final_punctuation=True, progress=False)
+    cache = {}
+
+    def get(spec):
+        if spec not in cache:
+            model, tk = _load(spec)
+            cache[spec] = check_sets(model, tk, harmful, harmless, *public_reference, strip_final_punctuation=True,
+                                     progress=False)
+        return cache[spec]
+    return get
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("spec", ["smollm2-135m-instruct", "smollm2-135m-safety"])
+def test_bundled_coupling_agrees_with_public_sets(spec, bundled_vs_public):
+    """The confound the issue found (bundled kappa 0.46 vs public 0.09) is gone: mid-band kappa within 0.05."""
+    res = bundled_vs_public(spec)
     report = f"{spec}:\n" + "\n".join(res.summary())
     assert res.counts == {"harmful": 96, "harmless": 96, "reference_harmful": N_REFERENCE,
                           "reference_harmless": N_REFERENCE}
     assert abs(res.kappa_user_mid - res.kappa_reference_mid) <= 0.05, report
+
+
+# The carrier-agreement half of the check does NOT hold, and we record that rather than weaken it. Measured
+# (2026-12-01, SmolLM2-135M-Instruct base / the anchor of that day): cos(H_bundled, H_public) 0.27 / 0.28 against a
+# public split-half floor of 0.80; cos(R_bundled, R_public) 0.10 / 0.13 against 0.93 / 0.94. The public carriers are
+# themselves confounded on this model: the public R is mostly request form (a harmless-vs-harmless contrast, our
+# harmless twins against the Alpaca prompts, gives an R at cos 0.71 with it) and, unstripped, the public H is mostly
+# final punctuation (test below). Form-matched twins cannot agree with a reference that encodes request form. The
+# bundled sets' own split-half agreement is low too (about 0.2 for H, 0.5 for R on the base model): at 135M and 96
+# prompts per side, matched twins leave a weak harmfulness signal. strict=True: if a later model or set makes the
+# criterion hold, this test fails and the note must be revised.
+@pytest.mark.real_model
+@pytest.mark.xfail(strict=True, reason="public refusal_direction carriers encode request form and punctuation on "
+                   "SmolLM2-135M; form-matched bundled carriers do not agree with them (numbers in the comment above)")
+@pytest.mark.parametrize("spec", ["smollm2-135m-instruct", "smollm2-135m-safety"])
+def test_bundled_carriers_agree_with_public_carriers(spec, bundled_vs_public):
+    res = bundled_vs_public(spec)
+    report = f"{spec}:\n" + "\n".join(res.summary())
     assert res.cos_h_mid >= res.split_half_h_mid - 0.1, report
     assert res.cos_r_mid >= res.split_half_r_mid - 0.1, report
     assert res.passed, report
+
+
+@pytest.mark.real_model
+def test_public_harmfulness_carrier_is_mostly_final_punctuation(shared_data):
+    """The known answer behind the stripping: inside the public harmless set alone, 'ends with a full stop' vs
+    'ends with a word' gives a direction that the unstripped public H follows closely in the middle layers."""
+    from pysafegeom.data import load_refusal_direction
+    from pysafegeom.protocol import metrics as M
+    from pysafegeom.protocol.capture import capture
+
+    model, tk = _load("smollm2-135m-instruct")
+    splits = shared_data / "refusal_direction" / "splits"
+    harmful = [p.text for p in load_refusal_direction(splits / "harmful_train.json")[:N_REFERENCE]]
+    harmless = [p.text for p in load_refusal_direction(splits / "harmless_train.json")[:2 * N_REFERENCE]]
+    stop = [t for t in harmless if t.rstrip().endswith(".")][:64]
+    word = [t for t in harmless if t.rstrip()[-1:].isalnum()][:64]
+    assert len(stop) >= 32 and len(word) >= 16
+    cap = capture(model, tk, {"harmful": harmful, "harmless": harmless[:N_REFERENCE], "stop": stop, "word": word},
+                  progress=False)
+    H = cap.mean("harmful")[:, 0] - cap.mean("harmless")[:, 0]
+    P = cap.mean("word")[:, 0] - cap.mean("stop")[:, 0]
+    lo, hi = M.mid_band(len(cap.layers) - 1)
+    cos = [float(torch.nn.functional.cosine_similarity(H[l], P[l], dim=0)) for l in range(lo, hi)]
+    assert sum(cos) / len(cos) > 0.6, cos

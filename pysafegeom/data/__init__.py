@@ -1,13 +1,14 @@
 """Prompt sets: the bundled defaults and loaders for public formats.
 
-Bundled sets (written for this project; fixed 60/20/20 train/val/test splits stored in the files),
+Bundled sets (written for this project; fixed train/val/test splits stored in the files; harmful and
+harmless are matched pair by pair, ``meta["pair"]``, so that they differ only in harmfulness),
 loaded with :func:`load_default`:
 
 ========================  =====  ==============================================================
 name                      n      contents
 ========================  =====  ==============================================================
-``harmful``               120    harmful requests, 12 categories x 10 (request level only)
-``harmless``              120    everyday instructions, 12 categories x 10, length-matched
+``harmful``               160    harmful requests, 16 categories x 10 (request level only), 96/32/32
+``harmless``              160    the harmful set's twins: same request form, length and domain, safe
 ``xstest_safe``           60     safe prompts that sound dangerous; ``meta["type"]`` = XSTest type
 ``xstest_unsafe``         24     unsafe contrast prompts; ``meta["type"]`` = contrast type
 ``benign``                60     benign questions with a short correct ``reference`` answer

@@ -10,8 +10,8 @@ from ._prompt import DataError, Prompt, filter_split
 
 #: name -> what the set is for
 DEFAULT_SETS = {
-    "harmful": "harmful requests (12 categories), for the harmfulness / refusal directions",
-    "harmless": "everyday instructions, length-matched to 'harmful'",
+    "harmful": "harmful requests (16 categories), for the harmfulness / refusal directions",
+    "harmless": "safe twins of 'harmful': the same request form, length and domain, pair by pair",
     "xstest_safe": "safe prompts that sound dangerous (XSTest-style types), for over-refusal",
     "xstest_unsafe": "unsafe contrast prompts to 'xstest_safe'",
     "benign": "benign questions with short reference answers, for the benign-utility audit",
