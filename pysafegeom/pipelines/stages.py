@@ -90,6 +90,11 @@ def _load(spec, role: str):
     return load_prompts(spec, role=role)
 
 
+def _dupes_across(a: list[str], b: list[str]) -> list[str]:
+    keys = {prompt_key(x) for x in b}
+    return list(dict.fromkeys(x for x in a if prompt_key(x) in keys))
+
+
 def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
     """train / val / test prompt texts: bundled splits, a file's own splits, or a deterministic split."""
     from ..data import split_prompts
@@ -108,6 +113,12 @@ def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
             out[s] = out["train"][: max(1, len(out["train"]) // 2)]
             notes.append(f"the {role} set has no {s} prompts; {len(out[s])} training prompts were reused as {s} "
                          f"prompts (so its {s} figures are in-sample)")
+        else:
+            for other in ("train", "val") if s == "test" else ("train",):
+                d = _dupes_across(out[s], out[other])
+                if d:
+                    raise DataOverlap(f"the {role} set has {len(d)} prompt(s) in both its {other} and {s} splits, e.g. "
+                                      f"{d[0]!r}: held-out figures would be in-sample; remove the duplicates")
     return out
 
 
@@ -121,11 +132,6 @@ def _held_out(spec, role: str, splits: tuple[str, ...], cap: int | None = None):
     return prompts[:cap] if cap else prompts
 
 
-def _dupes_across(a: list[str], b: list[str]) -> list[str]:
-    keys = {prompt_key(x) for x in b}
-    return list(dict.fromkeys(x for x in a if prompt_key(x) in keys))
-
-
 def stage_sets(model, harmful, harmless, xstest, *, xstest_unsafe=None, benign=None, attacks=None, cfg,
                allow_overlap: bool = False) -> PromptSets:
     """Resolve every prompt set, check the splits are disjoint and that none is in the model's training record."""
@@ -136,14 +142,6 @@ def stage_sets(model, harmful, harmless, xstest, *, xstest_unsafe=None, benign=N
     if both:
         raise DataOverlap(f"{len(both)} prompt(s) are in both the harmful and the harmless set, e.g. {both[0]!r}; "
                           "a prompt cannot be both")
-    for role, sp in (("harmful", hf), ("harmless", hl)):
-        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-            if sp[a] is sp[b]:
-                continue
-            d = _dupes_across(sp[a], sp[b]) if not any("reused" in n and role in n for n in notes) else []
-            if d:
-                raise DataOverlap(f"the {role} set has {len(d)} prompt(s) in both its {a} and {b} splits, e.g. {d[0]!r}: "
-                                  f"held-out figures would be in-sample; remove the duplicates")
     xs_read = [p.text for p in _held_out(xstest, "xstest_safe", ("val", "test"))]
     sets = PromptSets(hf, hl, xs_read, notes=notes)
     if cfg.interventions:
