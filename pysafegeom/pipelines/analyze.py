@@ -431,14 +431,25 @@ def summarize(res: AnalysisResult) -> list[str]:
         tight = "nearly orthogonal" if c["mid_band_mean"] < 0.2 else "moderately coupled" if c["mid_band_mean"] < 0.5 else "strongly coupled"
         lines.append(f"Across the middle layers the harmfulness and refusal carriers are {tight}: mean |cos(H, R)| = "
                      f"{c['mid_band_mean']:.2f} (max {c['max']:.2f} at layer {c['argmax']}).")
+    tau_cal = getattr(sel, "tau_cal", None)
+    kl_rule = getattr(sel, "kl_rule", "fixed")
+    rule_text = (f"KL <= {tau_cal:.3f} (calibrated: max of {sel.kl_threshold} and the "
+                 f"{getattr(sel, 'kl_percentile', 0):.0f}th percentile of random directions)"
+                 if kl_rule == "calibrated" and tau_cal is not None else
+                 f"KL <= {sel.kl_threshold} (nor the relaxed {sel.relaxed_threshold})")
+    counts = ""
+    if getattr(sel, "n_admissible_fixed", None) is not None and getattr(sel, "n_admissible_calibrated", None) is not None:
+        counts = (f" Admissible candidates: {sel.n_admissible_fixed} under Arditi's fixed KL <= {sel.kl_threshold}, "
+                  f"{sel.n_admissible_calibrated} under the calibrated rule.")
     if sel.outcome == "none":
-        lines.append(f"No admissible refusal carrier was found: no candidate passed KL <= {sel.kl_threshold} "
-                     f"(nor the relaxed {sel.relaxed_threshold}) with a positive induce score; the single-layer metrics "
-                     f"use layer {m['reference']['layer']} ({m['reference']['position']}), which is not admissible.")
+        lines.append(f"No admissible refusal carrier was found: no candidate passed {rule_text} with induce >= 0; the "
+                     f"single-layer metrics use layer {m['reference']['layer']} ({m['reference']['position']}), which is "
+                     f"not admissible.{counts}")
     else:
         relaxed = " (only at the relaxed KL threshold)" if sel.outcome == "selected_relaxed" else ""
-        lines.append(f"The selected refusal carrier is at layer {sel.layer}, position {sel.position}{relaxed}; "
-                     f"{sel.n_admissible} candidates were admissible. There |cos(H, R)| = {c['at_reference']:.2f}.")
+        lines.append(f"The selected refusal carrier is at layer {sel.layer}, position {sel.position}{relaxed}, under "
+                     f"{rule_text}; {sel.n_admissible} candidates were admissible. There |cos(H, R)| = "
+                     f"{c['at_reference']:.2f}.{counts}")
     if res.carriers.r_fit == "unfiltered":
         lines.append(f"R was fitted on the unfiltered prompt sets: {res.carriers.fit_note}.")
     lg = m["latent_guard"]
