@@ -119,7 +119,7 @@ def test_planted_carrier_is_selected(planted, tok):
     # the answer
     assert sel.outcome == "selected" and sel.rule == "calibrated" and (sel.layer, sel.position) == (2, "eoi-4")
     assert answer.admissible and not decoy.admissible
-    assert sel.tau_cal == max(0.1, S._percentile(sel.kl_controls, 90.0)) and len(sel.kl_controls) == 16
+    assert sel.tau_cal == max(0.1, S._percentile(sel.kl_controls, 75.0)) and len(sel.kl_controls) == 16
     # the fixed rule selects the same carrier here
     fixed = select_carrier(model, tok, car, harmful, HARMLESS, [REF], positions=["eoi-4", "eoi-2", "eoi-1"],
                            layers=[1, 2], kl_rule="fixed", n_kl_controls=0, progress=False)

@@ -40,7 +40,7 @@ class AnalysisConfig:
     kl_threshold: float = 0.1
     relaxed_kl_threshold: float = 0.2
     kl_rule: str = "calibrated"           # "calibrated": KL <= max(kl_threshold, p-th pct of random directions); "fixed": Arditi
-    kl_percentile: float = 90.0           # p of the calibrated rule (docs/protocol.md, section 2)
+    kl_percentile: float = 75.0           # p of the calibrated rule (docs/protocol.md, section 2)
     n_kl_controls: int = 16               # random unit directions that calibrate the KL rule
     filter_val: bool = True               # behaviour-filter the validation sets (Arditi's filter_val)
     min_filtered: int = 16                # behaviour-filtered sets need this many prompts each

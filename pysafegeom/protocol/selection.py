@@ -257,7 +257,7 @@ def select_carrier(
     min_val_filtered: int = 4,
     kl_rule: str = "calibrated",
     n_kl_controls: int = 16,
-    kl_percentile: float = 90.0,
+    kl_percentile: float = 75.0,
     seed: int = 0,
     induce_rule: str = INDUCE_RULE,
 ) -> Selection:
