@@ -40,7 +40,7 @@ def run_demo(base: str, anchor: str, out: str | Path, opts: dict, *, fresh: bool
     ``out/report.html``; return ``{"results": {...}, "findings": [...], "seconds": s}``."""
     from .._io import atomic_write_text
     from ..report import render_comparison
-    from .analyze import analyze, anchor_findings, load_result
+    from .analyze import analyze, anchor_findings, load_result, stages_folder
 
     t_all = time.perf_counter()
     out = Path(out)
@@ -58,7 +58,8 @@ def run_demo(base: str, anchor: str, out: str | Path, opts: dict, *, fresh: bool
              f"(every {opts.get('selection_layer_stride', 1)}. layer, {opts.get('n_val')} prompts per side), coupling"
              + (f", reopen table on the test splits with {opts.get('n_controls')} matched controls and the four "
                 "behavioural diagnostics" if opts.get("interventions") else "") + " ...")
-        res = analyze(spec, out=sub, resume=not fresh, overwrite=overwrite, progress=progress, **opts)
+        resume = not fresh and stages_folder(sub).exists()  # an interrupted run of this model left its stages
+        res = analyze(spec, out=sub, resume=resume, overwrite=overwrite, progress=progress, **opts)
         results[label] = res
         echo("\n".join("  " + line for line in res.metrics["summary"]))
     findings = [f"{label}: {selection_line(r)}." for label, r in results.items()]
