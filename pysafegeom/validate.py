@@ -364,14 +364,30 @@ _check_dtype, _check_device = dtype, device  # check_analyze_config's parameters
 
 # --- data -----------------------------------------------------------------------------------------
 
-def _norm_text(s: str) -> str:
-    return " ".join(s.translate(_INVISIBLE_TABLE).split()).casefold()
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def prompt_key(s: str) -> str:
+    """The form two prompts are compared in everywhere (set overlap, split duplicates, a model's training
+    record): NFKC, invisible characters dropped, straight quotes, collapsed whitespace, case-folded."""
+    import unicodedata
+
+    t = unicodedata.normalize("NFKC", s).translate(_INVISIBLE_TABLE).translate(_QUOTES)
+    return " ".join(t.split()).casefold()
+
+
+def overlap(prompts: Sequence[str], others: Sequence[str] | None) -> list[str]:
+    """The prompts of ``prompts`` whose :func:`prompt_key` is among ``others``' (in order, each once)."""
+    if not others:
+        return []
+    keys = {prompt_key(p) for p in others}
+    return list(dict.fromkeys(p for p in prompts if prompt_key(p) in keys))
 
 
 def disjoint(name_a: str, a: Sequence[str], name_b: str, b: Sequence[str]) -> None:
-    """Raise :class:`DataOverlap` when two prompt sets share prompts (compared without case or extra spaces)."""
-    na = {_norm_text(s): s for s in a}
-    nb = {_norm_text(s) for s in b}
+    """Raise :class:`DataOverlap` when two prompt sets share prompts (compared by :func:`prompt_key`)."""
+    na = {prompt_key(s): s for s in a}
+    nb = {prompt_key(s) for s in b}
     shared = [na[k] for k in na if k in nb]
     if not shared:
         return

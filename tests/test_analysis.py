@@ -121,7 +121,7 @@ def test_save_load_roundtrip_and_atomic(result, tmp_path, monkeypatch):
 
 
 def test_analyze_bad_input(model, tok):
-    with pytest.raises(ValueError, match="in both the harmful and the harmless set"):
+    with pytest.raises(ValueError, match="the harmful set and the harmless set (share|are the same)"):
         analyze(model, HARMFUL, HARMFUL, XS, tokenizer=tok, progress=False)
     with pytest.raises(ValueError, match="empty|no prompts"):
         analyze(model, [], HARMLESS, XS, tokenizer=tok, progress=False)

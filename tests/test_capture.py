@@ -72,3 +72,18 @@ def test_capture_bad_input(tok):
         model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
         capture(model, tok, SETS, progress=False)
+
+
+def test_keep_positions_per_set(tok):
+    """A dict keeps every position for the named sets and t_inst / eoi-1 for the others, with the same rows as
+    a capture that keeps every position everywhere."""
+    model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=2)
+    some = capture(model, tok, SETS, keep_positions={"harmful": "all"}, batch_size=3, progress=False)
+    full = capture(model, tok, SETS, keep_positions="all", batch_size=3, progress=False)
+    assert sorted(some.per_prompt["harmful"]) == sorted(full.position_names)
+    assert sorted(some.per_prompt["harmless"]) == ["eoi-1", "t_inst"]
+    for name, kept in some.per_prompt.items():
+        for pos, x in kept.items():
+            torch.testing.assert_close(x, full.per_prompt[name][pos])
+    with pytest.raises(ValueError, match="not captured"):
+        capture(model, tok, SETS, keep_positions={"nope": "all"}, progress=False)

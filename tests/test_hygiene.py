@@ -55,7 +55,7 @@ def test_analyze_refuses_a_models_own_training_prompts(model, tok):
 
 
 def test_split_duplicates_and_cross_set_prompts_are_errors(model, tok):
-    with pytest.raises(DataOverlap, match="both the harmful and the harmless"):
+    with pytest.raises(DataOverlap, match="the harmful set and the harmless set share"):
         analyze(model, HARMFUL, HARMLESS + [HARMFUL[0]], XS, tokenizer=tok, **_kw())
     dup = HARMFUL + [HARMFUL[0]] * 6  # duplicates land in train and in test: held-out figures would be in-sample
     with pytest.raises(DataOverlap, match="splits"):

@@ -5,27 +5,20 @@ A model folder (or LoRA adapter folder) written by pysafegeom carries ``training
 checkpoint, :func:`pysafegeom.train.export_adapter` copies it, the shipped anchors carry theirs).
 :func:`pysafegeom.load_model` attaches the record to the model it returns; :func:`attach_training_prompts`
 does the same for a model loaded some other way. :func:`overlap` finds the prompts of a set that are in
-the record, compared after :func:`prompt_key` normalisation (case, whitespace and apostrophes), so a
-re-spaced or re-cased copy of a training prompt still counts.
+the record, compared by :func:`pysafegeom.validate.prompt_key` (case, whitespace, quotes, invisible
+characters), so a re-spaced or re-cased copy of a training prompt still counts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import unicodedata
 from pathlib import Path
+
+from ..validate import overlap, prompt_key  # noqa: F401  (the one comparison key; re-exported)
 
 TRAINING_PROMPTS_FILE = "training_prompts.json"
 _ATTR = "_pysafegeom_training_prompts"
-_APOS = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
-
-
-def prompt_key(text: str) -> str:
-    """The form two prompts are compared in: NFKC, straight quotes, collapsed whitespace, case-folded."""
-    t = unicodedata.normalize("NFKC", text).translate(_APOS)
-    return re.sub(r"\s+", " ", t).strip().casefold()
 
 
 def read_training_prompts(folder: str | os.PathLike) -> list[str] | None:
@@ -66,11 +59,3 @@ def training_prompts(model) -> list[str] | None:
         if rec is not None:
             return rec
     return None
-
-
-def overlap(prompts, record) -> list[str]:
-    """The prompts of ``prompts`` whose :func:`prompt_key` is in ``record`` (in order, each once)."""
-    if not record:
-        return []
-    keys = {prompt_key(p) for p in record}
-    return list(dict.fromkeys(p for p in prompts if prompt_key(p) in keys))

@@ -321,7 +321,9 @@ def analyze(
     if blob is None:
         cap_sets = {k: enc[k] for k in ("harmful", "harmless", "harmful_test", "harmless_test", "xstest_readout")}
         cap = capture(model, tokenizer, cap_sets, refusal_tokens=rtoks, template=cfg.template, system=cfg.system,
-                      batch_size=cfg.batch_size, keep_positions="all", progress=progress)
+                      batch_size=cfg.batch_size, progress=progress,
+                      # every position for the fit sets (Q_R at the selected position); t_inst / eoi-1 for the rest
+                      keep_positions={"harmful": "all", "harmless": "all"})
         store.save("capture", S.capture_to_blob(cap))
     else:
         cap = S.capture_from_blob(blob)

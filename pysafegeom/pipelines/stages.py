@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from ..errors import DataOverlap, InvalidArgument
-from ..models.provenance import overlap, prompt_key, training_prompts
+from .. import validate as V
+from ..models.provenance import training_prompts
+from ..validate import overlap
 from ..protocol import metrics as M
 from ..protocol.capture import Capture
 from ..protocol.carriers import fit_subspace, layer_subspaces
@@ -90,11 +92,6 @@ def _load(spec, role: str):
     return load_prompts(spec, role=role)
 
 
-def _dupes_across(a: list[str], b: list[str]) -> list[str]:
-    keys = {prompt_key(x) for x in b}
-    return list(dict.fromkeys(x for x in a if prompt_key(x) in keys))
-
-
 def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
     """train / val / test prompt texts: bundled splits, a file's own splits, or a deterministic split."""
     from ..data import split_prompts
@@ -115,7 +112,7 @@ def _split_user(spec, role: str, notes: list[str]) -> dict[str, list[str]]:
                          f"prompts (so its {s} figures are in-sample)")
         else:
             for other in ("train", "val") if s == "test" else ("train",):
-                d = _dupes_across(out[s], out[other])
+                d = overlap(out[s], out[other])
                 if d:
                     raise DataOverlap(f"the {role} set has {len(d)} prompt(s) in both its {other} and {s} splits, e.g. "
                                       f"{d[0]!r}: held-out figures would be in-sample; remove the duplicates")
@@ -138,10 +135,8 @@ def stage_sets(model, harmful, harmless, xstest, *, xstest_unsafe=None, benign=N
     notes: list[str] = []
     hf = _split_user(harmful, "harmful", notes)
     hl = _split_user(harmless, "harmless", notes)
-    both = _dupes_across(hf["train"] + hf["val"] + hf["test"], hl["train"] + hl["val"] + hl["test"])
-    if both:
-        raise DataOverlap(f"{len(both)} prompt(s) are in both the harmful and the harmless set, e.g. {both[0]!r}; "
-                          "a prompt cannot be both")
+    V.disjoint("the harmful set", hf["train"] + hf["val"] + hf["test"], "the harmless set",
+               hl["train"] + hl["val"] + hl["test"])
     xs_read = [p.text for p in _held_out(xstest, "xstest_safe", ("val", "test"))]
     sets = PromptSets(hf, hl, xs_read, notes=notes)
     if cfg.interventions:

@@ -105,7 +105,7 @@ def capture(
     sets: dict,
     *,
     layers: list[int] | None = None,
-    keep_positions: tuple[str, ...] | str = ("t_inst", "eoi-1"),
+    keep_positions: tuple[str, ...] | str | dict = ("t_inst", "eoi-1"),
     refusal_tokens: list[int] | None = None,
     template: str | None = None,
     system: str | None = None,
@@ -119,7 +119,8 @@ def capture(
     the same template (an analysis encodes its prompts once and hands them to every stage).
 
     ``layers``: resid_pre indices to capture (default every block input and the output of the last
-    block, ``0..L``). ``keep_positions``: position names (or ``"all"``) whose per-prompt activations are kept at every
+    block, ``0..L``). ``keep_positions``: position names (or ``"all"``, or a dict set -> either; sets a dict does not
+    name keep ``t_inst`` and ``eoi-1``) whose per-prompt activations are kept at every
     captured layer (for subspace fits, readouts and the Latent Guard); ``"all"`` keeps ``t_inst`` and every
     post-instruction position (what :func:`~pysafegeom.protocol.carriers.fit_subspace` needs at a selected
     position other than ``eoi-1``). ``refusal_tokens``: when given,
@@ -155,22 +156,30 @@ def capture(
     items = [(s, i, len(row)) for s, name in enumerate(names) for i, row in enumerate(encoded[name].rows)]
     n_post = len(encoded[names[0]].split.suffix_ids)
     position_names = ["t_inst"] + [f"eoi-{n_post - j}" for j in range(n_post)]
-    if isinstance(keep_positions, str):
-        if keep_positions != "all":
-            raise ValueError(f"keep_positions must be 'all' or a tuple of position names, got {keep_positions!r}")
-        keep_positions = tuple(position_names)
-    keep_positions = tuple(keep_positions)
-    if keep_positions == "all":
-        keep_positions = tuple(position_names)
-    unknown = [p for p in keep_positions if p not in position_names]
-    if unknown:
-        raise ValueError(f"unknown keep_positions {unknown}; choose from {position_names}")
-    keep_cols = [position_names.index(p) for p in keep_positions]
+    def resolve_keep(spec) -> tuple[str, ...]:
+        if isinstance(spec, str):
+            if spec != "all":
+                raise ValueError(f"keep_positions must be 'all' or a tuple of position names, got {spec!r}")
+            return tuple(position_names)
+        spec = tuple(spec)
+        unknown = [p for p in spec if p not in position_names]
+        if unknown:
+            raise ValueError(f"unknown keep_positions {unknown}; choose from {position_names}")
+        return spec
+
+    if isinstance(keep_positions, dict):  # per set; sets it does not name keep t_inst and eoi-1
+        extra = [k for k in keep_positions if k not in names]
+        if extra:
+            raise ValueError(f"keep_positions names sets {extra} that are not captured; the sets are {names}")
+        keep = {name: resolve_keep(keep_positions.get(name, ("t_inst", "eoi-1"))) for name in names}
+    else:
+        keep = dict.fromkeys(names, resolve_keep(keep_positions))
+    keep_cols = {name: [position_names.index(p) for p in ks] for name, ks in keep.items()}
     P, d, nl = len(position_names), ad.d_model, len(layers)
     G = 2 * len(names)
     sums = torch.zeros(G, nl * P, d, dtype=torch.float64, device=device)
     counts = torch.zeros(G, dtype=torch.int64, device=device)
-    per_prompt = {name: {p: torch.zeros(len(sets[name]), nl, d) for p in keep_positions} for name in names}
+    per_prompt = {name: {p: torch.zeros(len(sets[name]), nl, d) for p in keep[name]} for name in names}
     scores = {name: torch.zeros(len(sets[name]), dtype=torch.float64) for name in names} if refusal_tokens else {}
 
     items.sort(key=lambda it: it[2])
@@ -236,13 +245,14 @@ def capture(
                 flat = rows.reshape(B, nl * P, d)
                 ident = torch.arange(nl * P, device=device).expand(B, nl * P)
                 ops.gather_accumulate(flat, ident, groups, sums, counts, backend=backend)
-                # one device-to-host copy per batch, not one per prompt
-                kept = rows[:, :, keep_cols].float().cpu()  # [B, nl, n_keep, d]
+                # one device-to-host copy per batch (of the union of kept positions), not one per prompt
+                cols = sorted({c for it in batch_items for c in keep_cols[names[it[0]]]})
+                kept = rows[:, :, cols].float().cpu()  # [B, nl, n_keep, d]
                 batch_scores = state["scores"].cpu() if refusal_tokens is not None else None
                 for b, it in enumerate(batch_items):
                     name = names[it[0]]
-                    for j, p in enumerate(keep_positions):
-                        per_prompt[name][p][it[1]] = kept[b, :, j]
+                    for p, c in zip(keep[name], keep_cols[name]):
+                        per_prompt[name][p][it[1]] = kept[b, :, cols.index(c)]
                     if batch_scores is not None:
                         scores[name][it[1]] = batch_scores[b]
     finally:
