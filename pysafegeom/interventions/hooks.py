@@ -80,6 +80,24 @@ def _basis(direction: torch.Tensor, d: int, what: str = "carrier") -> torch.Tens
     return q
 
 
+def control_directions(d: int, n: int, k: int = 1, *, seed: int = 0, orthogonal_to: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """``n`` random orthonormal bases ``[n, d, k]`` float64 (k = 1: Gaussian unit vectors), reproducible by ``seed``.
+
+    Drawn on the CPU (the same on every device). With ``orthogonal_to`` (``[d, j]``), each draw is first
+    projected onto the orthogonal complement of its column span.
+    """
+    if n < 1:
+        raise ValueError(f"n_controls must be >= 1 when controls are asked for, got {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    G = torch.randn(n, d, k, generator=g, dtype=torch.float64)
+    if orthogonal_to is not None:
+        P, _ = torch.linalg.qr(orthogonal_to.to(torch.float64).cpu())
+        G = G - P @ (P.T @ G)
+    Q, _ = torch.linalg.qr(G)
+    return Q
+
+
 def _check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise InvalidType(f"beta must be a number in [0, 1], got {beta!r}")

@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import validate as V
+from .hooks import control_directions  # noqa: F401  (re-exported)
 from ..errors import InvalidArgument, InvalidType
 
 ADD_ALPHAS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -151,24 +152,6 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
-
-
-def control_directions(d: int, n: int, k: int = 1, *, seed: int = 0, orthogonal_to: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-    """``n`` random orthonormal bases ``[n, d, k]`` float64 (k = 1: Gaussian unit vectors), reproducible by ``seed``.
-
-    Drawn on the CPU (the same on every device). With ``orthogonal_to`` (``[d, j]``), each draw is first
-    projected onto the orthogonal complement of its column span.
-    """
-    if n < 1:
-        raise ValueError(f"n_controls must be >= 1 when controls are asked for, got {n}")
-    g = torch.Generator().manual_seed(int(seed))
-    G = torch.randn(n, d, k, generator=g, dtype=torch.float64)
-    if orthogonal_to is not None:
-        P, _ = torch.linalg.qr(orthogonal_to.to(torch.float64).cpu())
-        G = G - P @ (P.T @ G)
-    Q, _ = torch.linalg.qr(G)
-    return Q
 
 
 def _carrier(v, d: int, name: str) -> torch.Tensor:

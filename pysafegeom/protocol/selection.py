@@ -23,8 +23,8 @@ filtered rows are both kept (they come from the same forwards), and the selectio
   prompts. Arditi's 0.1 was set on 7B models, where ablating a random direction costs almost nothing;
   on a small model the same ablation already moves the next-token distribution by about 0.1, so a fixed
   0.1 rejects candidates at the noise level. ``tau_cal`` admits a candidate that disturbs harmless
-  prompts no more than a typical (median, by default) random direction, and never less strictly than
-  Arditi. There is no further relaxation under this rule.
+  prompts no more than the upper quartile (by default) of random directions do, and never less strictly
+  than Arditi (docs/protocol.md says why p = 75). There is no further relaxation under this rule.
 
 **Induce rule** (:data:`INDUCE_RULE`, ``">= 0"``): admissible needs ``induce >= 0``. This is Arditi's code
 (``induce_score < 0.0`` drops a candidate, PROTOCOL 2.4 [C]); PROTOCOL 10.4 writes "induce > 0", which
@@ -35,13 +35,13 @@ The admissible candidate with the lowest bypass score is selected.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
-from ..interventions.hooks import ablate, add
+from .. import validate as V
+from ..interventions.hooks import ablate, add, control_directions
 from ..models.forward import KL_EPS, kl_next_token as _kl, last_logits as _last_logits  # noqa: F401
 from ..prompts import EncodedPrompts, encode_batches as _batches, encode_prompts
 from ..refusal import refusal_scores_from_logits
@@ -162,30 +162,6 @@ class Selection:
 
 # --- argument checks ---------------------------------------------------------------------------------
 
-def _real(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    x = float(x)
-    if math.isnan(x):
-        raise ValueError(f"{name} is NaN")
-    return x
-
-
-def _nonneg_finite(x, name: str) -> float:
-    x = _real(x, name)
-    if x < 0 or math.isinf(x):
-        raise ValueError(f"{name} must be a finite number >= 0, got {x}")
-    return x
-
-
-def _int(x, name: str, lo: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-    return x
-
-
 def _encode(tokenizer, prompts, name: str, template, system) -> EncodedPrompts:
     """``prompts`` (a list of strings or an :class:`EncodedPrompts`) as EncodedPrompts, checked non-empty."""
     if isinstance(prompts, EncodedPrompts):
@@ -219,13 +195,6 @@ def _sorted_batches(tokenizer, enc: EncodedPrompts, batch_size: int, device):
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return _batches(tokenizer, srt, batch_size=batch_size, device=device), inv.to(device)
-
-
-def random_unit_directions(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """``[n, d]`` float64 Gaussian unit vectors from a CPU generator seeded with ``seed`` (the KL controls)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(n, d, generator=g, dtype=torch.float64)
-    return u / u.norm(dim=1, keepdim=True)
 
 
 def _is_admissible(c: Candidate, tau: float, induce_rule: str) -> bool:
@@ -272,24 +241,21 @@ def select_carrier(
     ``relaxed_threshold``). The random directions are scored whenever ``n_kl_controls >= 1``, so both counts
     are reported under either rule. ``induce_rule``: see :data:`INDUCE_RULE`. See the module docstring.
     """
-    kl_threshold = _nonneg_finite(kl_threshold, "kl_threshold")
-    relaxed_threshold = _nonneg_finite(relaxed_threshold, "relaxed_threshold")
+    kl_threshold = V.finite_float("kl_threshold", kl_threshold, lo=0.0)
+    relaxed_threshold = V.finite_float("relaxed_threshold", relaxed_threshold, lo=0.0)
     if relaxed_threshold < kl_threshold:
         raise ValueError(f"relaxed_threshold ({relaxed_threshold}) must be >= kl_threshold ({kl_threshold})")
     if not isinstance(kl_rule, str) or kl_rule not in KL_RULES:
         raise ValueError(f"kl_rule must be one of {KL_RULES}, got {kl_rule!r}")
     if not isinstance(induce_rule, str) or induce_rule not in INDUCE_RULES:
         raise ValueError(f"induce_rule must be one of {INDUCE_RULES}, got {induce_rule!r}")
-    kl_percentile = _real(kl_percentile, "kl_percentile")
-    if not 0.0 < kl_percentile <= 100.0:
-        raise ValueError(f"kl_percentile must lie in (0, 100], got {kl_percentile}")
-    n_kl_controls = _int(n_kl_controls, "n_kl_controls", 1 if kl_rule == "calibrated" else 0)
-    min_val_filtered = _int(min_val_filtered, "min_val_filtered", 1)
-    seed = _int(seed, "seed", 0)
-    batch_size = _int(batch_size, "batch_size", 1)
-    max_layer_frac = _real(max_layer_frac, "max_layer_frac")
-    if not 0.0 < max_layer_frac <= 1.0:
-        raise ValueError(f"max_layer_frac must lie in (0, 1], got {max_layer_frac}")
+    kl_percentile = V.finite_float("kl_percentile", kl_percentile, lo=0.0, hi=100.0, lo_open=True)
+    n_kl_controls = V.integer("n_kl_controls", n_kl_controls, lo=1 if kl_rule == "calibrated" else 0,
+                              hint="the calibrated rule needs random-direction controls")
+    min_val_filtered = V.positive_int("min_val_filtered", min_val_filtered)
+    seed = V.nonneg_int("seed", seed)
+    batch_size = V.positive_int("batch_size", batch_size)
+    max_layer_frac = V.finite_float("max_layer_frac", max_layer_frac, lo=0.0, hi=1.0, lo_open=True)
     if not isinstance(filter_val, bool):
         raise TypeError(f"filter_val must be a bool, got {type(filter_val).__name__}")
     if not isinstance(carriers, Carriers):
@@ -354,7 +320,7 @@ def select_carrier(
 
         # KL controls: random unit directions ablated like the candidates, on the harmless prompts
         ctrl_rows = []
-        dirs = random_unit_directions(n_kl_controls, d, seed) if n_kl_controls else torch.zeros(0, d)
+        dirs = control_directions(d, n_kl_controls, 1, seed=seed)[:, :, 0] if n_kl_controls else torch.zeros(0, d)
         for u in tqdm(dirs, desc="KL controls", unit="dir", disable=not progress or not n_kl_controls):
             with ablate(model, u.to(torch.float32)):
                 ctrl_rows.append(_kl(base[nh:], logits_harmless()).cpu())
