@@ -30,6 +30,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -421,17 +422,37 @@ def _undo(target: Path, tmp: Path, old: Path) -> None:
         _discard(tmp)
 
 
+def json_safe(x):
+    """``x`` with every non-finite float (NaN, inf) replaced by None, through dicts, lists and tuples: what every
+    result writes to JSON (``allow_nan=False``), and the one place that rule lives."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write_text` for bytes (e.g. a ``torch.save`` into a buffer)."""
+    return _atomic_write(Path(path), data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (never a half-written
     file; mode 0644). This is the mechanism only: callers check the path first with :func:`check_output_path`."""
-    path = Path(path)
+    return _atomic_write(Path(path), text.encode(encoding))
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = _temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with os.fdopen(fd, "w", encoding=encoding) as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -442,5 +463,5 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return path
 
 
-__all__ = ["MARKER", "atomic_dir", "atomic_write_text", "check_output_path", "mark_dir", "read_marker", "recover",
+__all__ = ["MARKER", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "json_safe", "check_output_path", "mark_dir", "read_marker", "recover",
            "recover_all"]

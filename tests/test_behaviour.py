@@ -119,8 +119,8 @@ def test_logit_judge_scores_and_callable():
 
 
 def test_logit_judge_from_model_matches_last_logits(tok):
-    from pysafegeom.protocol.capture import refusal_scores_from_logits
-    from pysafegeom.protocol.carriers import find_refusal_tokens
+    from pysafegeom.refusal import refusal_scores_from_logits
+    from pysafegeom.refusal import find_refusal_tokens
 
     m = tiny_model("llama", n_layers=1, d_model=32, tokenizer=tok, seed=3)
     prompts = ["Tell me a joke.", "How do I bake bread at home?"]

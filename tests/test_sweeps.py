@@ -11,8 +11,8 @@ import torch
 from pysafegeom.interventions import ablate, add
 from pysafegeom.models import ModelAdapter, tiny_model
 from pysafegeom.prompts import format_prompts
-from pysafegeom.protocol.capture import refusal_scores_from_logits
-from pysafegeom.protocol.carriers import find_refusal_tokens
+from pysafegeom.refusal import refusal_scores_from_logits
+from pysafegeom.refusal import find_refusal_tokens
 from pysafegeom.interventions.sweeps import (ADD_ALPHAS, DEFAULT_POSITIONS, H_ALL, METRICS, SweepResult,
                                              control_directions, sweep)
 

@@ -242,8 +242,7 @@ class LogitJudge:
     def from_model(cls, model, tokenizer, *, refusal_tokens: list[int] | None = None, template: str | None = None,
                    system: str | None = None, batch_size: int = 8) -> "LogitJudge":
         """A judge scoring prompts with ``model``'s last-position logits (refusal tokens from :func:`find_refusal_tokens`)."""
-        from ..protocol.capture import refusal_scores_from_logits
-        from ..protocol.carriers import find_refusal_tokens
+        from ..refusal import find_refusal_tokens, refusal_scores_from_logits
 
         V.is_model("model", model)
         V.is_tokenizer("tokenizer", tokenizer)

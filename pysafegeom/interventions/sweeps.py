@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import validate as V
+from .._io import json_safe
 from .hooks import control_directions  # noqa: F401  (re-exported)
 from ..errors import InvalidArgument, InvalidType
 
@@ -115,7 +116,7 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         """Plain JSON-safe dict (NaN and infinities become None)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepResult":
@@ -142,16 +143,6 @@ class SweepResult:
                  "control_mean": r.control_mean, "control_sd": r.control_sd, "excess": r.excess,
                  "percentile": r.percentile}
                 for r in self.rows if metric is None or r.metric == metric]
-
-
-def _json_safe(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _carrier(v, d: int, name: str) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import validate as V
-from .._io import atomic_dir, check_output_path, recover
+from .._io import atomic_dir, check_output_path, json_safe, recover
 from ..errors import InputFileError, InvalidArgument, InvalidType, MissingFile
 from ..protocol import metrics as M
 from ..protocol.capture import capture
@@ -181,7 +180,7 @@ def _check_result_tensors(tf: Path, d: dict, t: dict) -> None:
     if gone:
         raise InputFileError(f"{tf} lacks the tensor(s) {', '.join(gone)}")
     L, P = len(d["carriers"]["layers"]), len(d["carriers"]["post_names"])
-    H, R = t["H"], t["R"]
+    H = t["H"]
     width = d.get("meta", {}).get("d_model") or (H.shape[-1] if H.dim() == 2 else None)
     want = {"H": (L, width), "R": (L, P, width)}
     for name, shape in want.items():
@@ -202,16 +201,6 @@ def _check_result_tensors(tf: Path, d: dict, t: dict) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-def _nan_to_none(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
-
 
 def stages_folder(out: str | os.PathLike) -> Path:
     """Where ``analyze(..., out=out)`` keeps its stage artifacts until the result is saved: ``.NAME.stages`` beside it."""
@@ -385,7 +374,7 @@ def analyze(
             if sel.layer is None:
                 rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {ref_pos}), "
                                  "not a selected one")
-            reopen = json.dumps(_nan_to_none(rep.to_dict()))
+            reopen = json.dumps(json_safe(rep.to_dict()))
             store.save("reopen", reopen)
         reopen = json.loads(reopen)
         meta["timings_s"]["reopen"] = round(time.perf_counter() - t0, 2)
@@ -412,8 +401,8 @@ def analyze(
     if store.stale:
         notes.append(f"recomputed stale stage artifact(s): {'; '.join(store.stale)}")
     meta["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
-    res = AnalysisResult(meta, asdict(cfg), car, sel, _nan_to_none(mt["metrics"]), mt["readouts"], mt["Q_H"], mt["Q_R"],
-                         _nan_to_none(mt["separation"]), reopen, sweeps, mt["Q_H_layers"], mt["Q_R_layers"])
+    res = AnalysisResult(meta, asdict(cfg), car, sel, json_safe(mt["metrics"]), mt["readouts"], mt["Q_H"], mt["Q_R"],
+                         json_safe(mt["separation"]), reopen, sweeps, mt["Q_H_layers"], mt["Q_R_layers"])
     res.metrics["summary"] = summarize(res)
     if out is not None:
         res.save(out, overwrite=True)  # checked (or allowed) before any work started

@@ -27,7 +27,6 @@ request form (see pysafegeom/datasets/README.md), so form-matched sets disagree 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from .. import validate as V
 from ..errors import InvalidArgument, InvalidType, MissingFile
+from ..protocol.metrics import layer_cos  # noqa: F401  (re-exported)
 
 KAPPA_TOLERANCE = 0.05   # |kappa_user - kappa_ref| allowed, mid-band means
 AGREEMENT_MARGIN = 0.1   # cos(user, ref) may fall this far below the reference split-half agreement
@@ -89,15 +89,9 @@ class SetCheck:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (nan becomes None)."""
-        def clean(v):
-            if isinstance(v, float):
-                return None if math.isnan(v) else v
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            return v
-        return clean(asdict(self))
+        from .._io import json_safe
+
+        return json_safe(asdict(self))
 
     def summary(self) -> list[str]:
         """Plain sentences: the numbers, the verdict, and why it failed."""
@@ -170,16 +164,6 @@ def _strip_end(t: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ numbers
-
-
-def layer_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Signed cosine per row of ``a, b [n_layers, d]``, float64; nan where either row is (numerically) zero."""
-    a, b = a.double(), b.double()
-    na, nb = a.norm(dim=-1), b.norm(dim=-1)
-    tiny = 1e-10 * torch.maximum(na.max(), nb.max()).clamp_min(1e-300)
-    out = (a * b).sum(-1) / (na * nb).clamp_min(1e-300)
-    out[(na <= tiny) | (nb <= tiny)] = float("nan")
-    return out.clamp(-1, 1)
 
 
 def _band_mean(v: torch.Tensor, idx: list[int]) -> float:

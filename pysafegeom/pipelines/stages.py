@@ -233,10 +233,13 @@ class StageStore:
     def save(self, name: str, data) -> None:
         if self.folder is None:
             return
-        f = self.folder / f"{name}.pt"
-        tmp = f.with_suffix(f".tmp-{os.getpid()}")
-        torch.save({"fingerprint": self.fp, "data": data}, tmp)
-        os.replace(tmp, f)
+        import io
+
+        from .._io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fp, "data": data}, buf)
+        atomic_write_bytes(self.folder / f"{name}.pt", buf.getvalue())
 
     def remove(self) -> None:
         if self.folder is not None and self.folder.exists():
@@ -261,16 +264,6 @@ def _dprime(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((pos.mean() - neg.mean()) / v.sqrt()) if v > 0 else float("nan")
 
 
-def per_layer_coupling(H: torch.Tensor, R: torch.Tensor) -> list[float]:
-    out = []
-    for h, r in zip(H, R):
-        if h.norm() == 0 or r.norm() == 0:
-            out.append(float("nan"))  # e.g. layer 0 at template tokens: identical embeddings, R = 0
-        else:
-            out.append(M.coupling(h, r))
-    return out
-
-
 def stage_metrics(cap: Capture, car, sel, sets: PromptSets, cfg, n_layers: int, ref_layer: int, ref_pos: str,
                   ref_why: str, notes: list[str]) -> dict:
     """PROTOCOL 3 at every layer and at the reference (selected) carrier. Returns a dict with ``metrics``,
@@ -279,7 +272,7 @@ def stage_metrics(cap: Capture, car, sel, sets: PromptSets, cfg, n_layers: int, 
     li = car.layers.index(ref_layer)
     filtered = car.r_fit == "filtered"
     post_col = car.post_names.index("eoi-1")
-    per_layer = per_layer_coupling(car.H, car.R[:, post_col])
+    per_layer = M.layer_cos(car.H, car.R[:, post_col]).abs().tolist()  # NaN where a carrier is zero
     lo, hi = M.mid_band(n_layers)
     band = [v for l, v in zip(car.layers, per_layer) if lo <= l < hi and v == v]
     h_ref, r_ref = car.H[li], car.r_at(ref_layer, ref_pos)

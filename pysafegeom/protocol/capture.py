@@ -25,7 +25,7 @@ from .. import validate as V
 from ..models import ModelAdapter
 from ..models.forward import forward
 from ..prompts import encode_prompts, pad_prompts
-from ..refusal import EPS_SCORE, refusal_scores_from_logits  # noqa: F401  (re-exported)
+from ..refusal import refusal_scores_from_logits
 
 
 

@@ -19,8 +19,6 @@ import torch
 
 from .capture import Capture
 
-from ..refusal import REFUSAL_TOKEN_PHRASES as REFUSAL_PHRASES, find_refusal_tokens  # noqa: F401  (re-exported)
-
 
 @dataclass
 class Carriers:

@@ -27,6 +27,7 @@ __all__ = [
     "coupling",
     "CouplingProfile",
     "coupling_profile",
+    "layer_cos",
     "mid_band",
     "principal_angles",
     "subspace_coupling",
@@ -113,6 +114,20 @@ def coupling(h: torch.Tensor, r: torch.Tensor) -> float:
     h, r = _tensor(h, "h", 1), _tensor(r, "r", 1)
     _same_width(h.shape[0], r.shape[0], "h", "r")
     return float(_abs_cos(h, r, "h", "r"))
+
+
+def layer_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Signed cosine per row of ``a, b [n_layers, d]``, float64; NaN where either row is (numerically) zero.
+
+    The lenient per-layer form: a zero carrier (R at layer 0 over template tokens, where every prompt has
+    the same embedding) gives NaN for its layer instead of an error; ``layer_cos(H, R).abs()`` is the
+    coupling profile κ_ℓ with such layers left out."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    tiny = 1e-10 * torch.maximum(na.max(), nb.max()).clamp_min(1e-300)
+    out = (a * b).sum(-1) / (na * nb).clamp_min(1e-300)
+    out[(na <= tiny) | (nb <= tiny)] = float("nan")
+    return out.clamp(-1, 1)
 
 
 def mid_band(L: int) -> tuple[int, int]:

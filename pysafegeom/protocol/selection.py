@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import validate as V
 from ..interventions.hooks import ablate, add, control_directions
-from ..models.forward import KL_EPS, kl_next_token as _kl, last_logits as _last_logits  # noqa: F401
+from ..models.forward import kl_next_token as _kl, last_logits as _last_logits
 from ..prompts import EncodedPrompts, encode_batches as _batches, encode_prompts
 from ..refusal import refusal_scores_from_logits
 from .carriers import Carriers
