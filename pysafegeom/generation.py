@@ -34,7 +34,7 @@ import torch
 
 from . import validate as V
 from .errors import InvalidArgument
-from .models.forward import forward_names
+from .models.forward import forward_names, position_ids
 from .refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_rate  # noqa: F401  (the one substring rule)
 
 
@@ -231,7 +231,6 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from .errors import InvalidArgument as _InvalidArgument
     from .prompts import encode_prompts, pad_prompts
 
     t0 = time.perf_counter()
@@ -248,7 +247,7 @@ def generate(
                          allow_special_tokens=allow_special_tokens)
     longest = max(len(r) for r in enc.rows)
     if ctx is not None and longest + max_new_tokens > ctx:
-        raise _InvalidArgument(
+        raise InvalidArgument(
             f"max_new_tokens={max_new_tokens} does not fit: the longest prompt is {longest} tokens and the model's "
             f"context length is {ctx} tokens, so at most {ctx - longest} new tokens fit after it")
     device = next(model.parameters()).device
@@ -281,7 +280,7 @@ def generate(
                 B, T = ids.shape
                 cap = min(max_new_tokens, _FIRST_CHUNK)  # the buffers grow as the answers do
                 full_mask = torch.cat([mask, mask.new_ones(B, cap)], dim=1)
-                pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+                pos = position_ids(mask)
                 out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **prefill_extra)
                 cache = getattr(out, cache_kw)
                 logits = out.logits[:, -1, :]

@@ -104,11 +104,6 @@ class PromptBatch:
         return torch.cat([self.t_inst[:, None], self.post_inst], dim=1)
 
     @property
-    def position_ids(self) -> torch.Tensor:
-        """``[B, T]`` token positions from the attention mask (pads at 0): what absolute-position models need."""
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-    @property
     def position_names(self) -> list[str]:
         """``t_inst`` then the post-instruction offsets ``eoi-{n}..eoi-1`` (``eoi-1`` is ``t_post_inst``)."""
         n = self.n_post

@@ -177,6 +177,29 @@ def test_drift_between_results(result, model, tok):
         drift(result, wider)
 
 
+def test_subspace_drift_is_taken_at_one_common_layer(result, model, tok):
+    """The headline subspace drift compares both results' Q at a's reference layer (per-layer subspaces), not
+    each result's own reference-layer Q; without per-layer subspaces it falls back and says so."""
+    import dataclasses
+
+    from pysafegeom.pipelines.analyze import drift
+    from pysafegeom.protocol import metrics as M
+
+    other = analyze(tiny_model("llama", tokenizer=tok, n_layers=4, d_model=48, seed=9), HARMFUL, HARMLESS, XS,
+                    tokenizer=tok, n_val=2, selection_positions=["eoi-1"], progress=False)
+    d = drift(result, other)
+    j = result.carriers.layers.index(result.metrics["reference"]["layer"])
+    qa, qb = result.Q_R_layers[j], other.Q_R_layers[j]
+    qa, qb = qa[:, ~torch.isnan(qa).any(0)], qb[:, ~torch.isnan(qb).any(0)]
+    k = min(qa.shape[1], qb.shape[1])
+    assert d["Q_R_subspace_drift_deg"] == pytest.approx(M.subspace_drift(qb[:, :k], qa[:, :k]))
+    assert d["Q_R_subspace_drift_deg_per_layer"][j] == d["Q_R_subspace_drift_deg"] and not d["notes"]
+    same = drift(result, result)
+    assert all(v is None or v == pytest.approx(0, abs=1e-3) for v in same["Q_H_subspace_drift_deg_per_layer"])
+    old = dataclasses.replace(other, Q_H_layers=None, Q_R_layers=None)
+    assert drift(result, old)["Q_R_subspace_drift_deg_per_layer"] is None and drift(result, old)["notes"]
+
+
 def test_tiny_prompt_sets_are_refused_clearly(model, tok):
     with pytest.raises(ValueError, match="training prompts"):
         analyze(model, HARMFUL[:1], HARMLESS, XS, tokenizer=tok, progress=False)

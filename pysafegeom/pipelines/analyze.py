@@ -474,11 +474,14 @@ def _pct(rate: dict) -> str:
 def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
     """Carrier drift from result ``a`` (the reference anchor) to result ``b`` (PROTOCOL.md section 3).
 
-    Per layer: the single-direction drift 1 - |cos| of H and of R at t_post_inst; at ``a``'s reference
-    layer: the mean principal angle (degrees) between the k-dimensional subspaces Q_H and Q_R (each
-    result's own, fitted at its own reference layer); and the
-    change of the selected carrier's layer and position (relocation). Both results must come from models
-    of the same width and depth.
+    Per layer: the single-direction drift 1 - |cos| of H and of R at t_post_inst, and the mean principal
+    angle (degrees) between the k-dimensional subspaces Q_H (t_inst) and Q_R (t_post_inst) of the two
+    results at that same layer (``*_subspace_drift_deg_per_layer``, from the saved per-layer subspaces;
+    None where either has no subspace). The headline ``Q_*_subspace_drift_deg`` is that per-layer value at
+    ``a``'s reference layer, so both subspaces are read at one common layer (results saved without
+    per-layer subspaces fall back to each result's own reference-layer Q, with a note). Also the change of
+    the selected carrier's layer and position (relocation). Both results must come from models of the
+    same width and depth.
     """
     for name, r in (("a", a), ("b", b)):
         if not isinstance(r, AnalysisResult):
@@ -504,12 +507,38 @@ def drift(a: AnalysisResult, b: AnalysisResult) -> dict:
             out.append(M.direction_drift(x, y) if x.norm() > 0 and y.norm() > 0 else None)
         return out
 
+    def q(Q: torch.Tensor, j: int) -> torch.Tensor:  # [d, k'] without the NaN padding of missing directions
+        Qj = Q[j]
+        return Qj[:, ~torch.isnan(Qj).any(0)]
+
+    def sub_per_layer(QA, QB):
+        out = []
+        for j in range(len(ca.layers)):
+            qa, qb = q(QA, j), q(QB, j)
+            k = min(qa.shape[1], qb.shape[1])
+            out.append(M.subspace_drift(qb[:, :k], qa[:, :k]) if k else None)
+        return out
+
+    notes = []
+    ref = ca.layers.index(a.metrics["reference"]["layer"])
+    if a.Q_H_layers is not None and b.Q_H_layers is not None:
+        dh, dr = sub_per_layer(a.Q_H_layers, b.Q_H_layers), sub_per_layer(a.Q_R_layers, b.Q_R_layers)
+        head_h, head_r = dh[ref], dr[ref]
+    else:
+        dh = dr = None
+        head_h, head_r = M.subspace_drift(b.Q_H, a.Q_H), M.subspace_drift(b.Q_R, a.Q_R)
+        notes.append("a result has no per-layer subspaces (saved by an older version): the subspace drift compares "
+                     "each result's own reference-layer Q, which may sit at different layers")
     return {
         "layers": list(ca.layers),
         "H_direction_drift": per_layer(ca.H, cb.H),
         "R_direction_drift": per_layer(ca.R[:, col_a], cb.R[:, col_b]),
-        "Q_H_subspace_drift_deg": M.subspace_drift(b.Q_H, a.Q_H),
-        "Q_R_subspace_drift_deg": M.subspace_drift(b.Q_R, a.Q_R),
+        "Q_H_subspace_drift_deg": head_h,
+        "Q_R_subspace_drift_deg": head_r,
+        "Q_H_subspace_drift_deg_per_layer": dh,
+        "Q_R_subspace_drift_deg_per_layer": dr,
+        "subspace_drift_layer": a.metrics["reference"]["layer"],
+        "notes": notes,
         "reference_layers": [a.metrics["reference"]["layer"], b.metrics["reference"]["layer"]],
         "selected": [(a.selection.layer, a.selection.position), (b.selection.layer, b.selection.position)],
         "relocated": (a.selection.layer, a.selection.position) != (b.selection.layer, b.selection.position),

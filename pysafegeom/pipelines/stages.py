@@ -2,9 +2,10 @@
 
     sets      -> which prompts fit, select, read out and judge (disjoint splits; checked against the
                  model's recorded training prompts)
-    encode    -> every prompt set tokenised once with the chat template, handed to every stage
+    encode    -> every prompt set tokenised once with the chat template, handed to capture and selection
+                 (the reopen table and the sweeps generate from the texts and tokenise them themselves)
     capture   -> streamed per-set sums and kept per-prompt rows (``capture.pt``)
-    carriers  -> H and R per layer (``carriers.pt``)
+    carriers  -> H and R per layer (cheap: refitted from the capture)
     selection -> every candidate's bypass / induce / KL and the outcome (``selection.pt``)
     metrics   -> coupling, subspaces, effective rank, readouts, Latent Guard (cheap; recomputed)
     reopen    -> the reopen table and the diagnostics (``reopen.pt``)
@@ -44,6 +45,9 @@ from ..protocol.carriers import fit_subspace, layer_subspaces
 class PromptSets:
     """The prompt texts each stage uses; fitting, selection, readouts and judging never share a prompt.
 
+    (``stage_sets`` raises :class:`~pysafegeom.errors.DataOverlap` when the harmful and harmless sets, or
+    two splits of one set, share a prompt.)
+
     ``harmful`` / ``harmless``: ``{"train": [...], "val": [...], "test": [...]}``. Carriers are fitted
     on ``train``, candidates selected on ``val``, readouts, rho, the Latent Guard and the reopen table use
     ``test`` (the reopen table's KL runs on ``harmless["test"]``). ``xstest_readout``: the held-out
@@ -61,13 +65,6 @@ class PromptSets:
     attacks: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     overlap_override: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PromptSets":
-        return cls(**d)
 
     def record(self) -> dict:
         """What the result records about its splits: counts and a hash of each split's texts."""
@@ -186,10 +183,12 @@ def encode_sets(tokenizer, texts: dict[str, list[str]], cfg, max_length: int | N
 def fingerprint(model, spec: str, cfg, sets: PromptSets) -> str:
     """A hash of what the stages' artifacts depend on: the model (spec, shape and a weight checksum), the
     configuration and the prompt sets."""
-    params = list(model.parameters())
-    probe = [params[0], params[len(params) // 2], params[-1]]
-    weights = [float(p.detach().double().sum()) for p in probe] + [float(p.detach().double().abs().sum()) for p in probe]
-    d = {"spec": spec, "shapes": [list(p.shape) for p in probe], "weights": weights,
+    # every parameter's sum and absolute sum: two checkpoints that differ in any tensor differ here (a probe of a
+    # few tensors would let a fine-tune of the others reuse the base model's capture)
+    with torch.no_grad():
+        stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
+                             for p in model.parameters()]).cpu()
+    d = {"spec": spec, "shapes": [list(p.shape) for p in model.parameters()], "weights": stats.tolist(),
          "config": asdict(cfg), "sets": sets.record()}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
