@@ -93,7 +93,8 @@ def _claim_demo_dir(out, overwrite: bool):
 def _cmd_analyze(args) -> int:
     from .pipelines.analyze import analyze
 
-    opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "kl_threshold": args.kl_threshold}
+    opts = {"n_val": args.n_val, "selection_layer_stride": args.layer_stride, "kl_threshold": args.kl_threshold,
+            "kl_rule": args.kl_rule, "kl_percentile": args.kl_percentile}
     if args.positions:
         opts["selection_positions"] = [p.strip() for p in args.positions.split(",") if p.strip()]
     if args.batch_size:
@@ -106,10 +107,9 @@ def _cmd_analyze(args) -> int:
         raise ValueError("--attacks is used by the reopen table: add --interventions")
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
                   template=args.template, system=args.system, out=args.out, resume=args.resume,
-                  overwrite=getattr(args, "overwrite", False), allow_overlap=args.allow_overlap, **extra, **opts)
-    out = args.out
+                  overwrite=args.overwrite, allow_overlap=args.allow_overlap, **extra, **opts)
     print("\n".join(res.metrics["summary"]))
-    print(f"\nwrote {out}/result.json, carriers.safetensors and report.html "
+    print(f"\nwrote {args.out}/result.json, carriers.safetensors and report.html "
           f"({res.meta['timings_s']['total']} s; open report.html in a browser)")
     return 0
 
@@ -313,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-val", type=_POS, default=32, help="validation prompts per side for carrier selection (default 32)")
     s.add_argument("--positions", default=None, help="post-instruction positions to search, e.g. eoi-1,eoi-2 (default: all)")
     s.add_argument("--layer-stride", type=_POS, default=1, help="search every n-th layer for the carrier (default 1: all)")
-    s.add_argument("--kl-threshold", type=_NONNEG_FLOAT, default=0.1, help="admissibility KL threshold (default 0.1; 0.2 is tried if none pass)")
+    s.add_argument("--kl-threshold", type=_NONNEG_FLOAT, default=0.1, help="Arditi's admissibility KL threshold (default "
+                   "0.1): the fixed rule's threshold (0.2 is tried if none pass) and the calibrated rule's floor")
+    s.add_argument("--kl-rule", choices=["calibrated", "fixed"], default="calibrated", help="admissibility KL rule: "
+                   "'calibrated' (default: KL <= max(--kl-threshold, the --kl-percentile of random directions' KL)) or "
+                   "'fixed' (Arditi's); the result reports the counts under both")
+    s.add_argument("--kl-percentile", type=_arg("finite_float", float, lo=0.0, hi=100.0, lo_open=True), default=75.0,
+                   help="percentile of the random-direction KLs for the calibrated rule (default 75)")
     s.add_argument("--batch-size", type=_POS, default=None, help="prompts per forward pass (default: chosen to fit memory)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default=None, type=_DTYPE, help="float32, bfloat16 or float16 (default: float32 on CPU)")

@@ -195,3 +195,23 @@ def test_cli_refuses_training_prompts_in_one_line_and_allow_overlap_runs(tok, tm
     assert p.returncode == 0, p.stderr[-2000:]
     saved = json.loads((tmp_path / "res" / "result.json").read_text())
     assert saved["meta"]["overlap_override"] == {"harmless": 1}
+
+
+def test_cli_kl_rule_options_reach_the_selection(tok, tmp_path):
+    from pysafegeom.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    for name, texts in (("harmful", HARMFUL), ("harmless", HARMLESS), ("xs", XS)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(texts) + "\n")
+    argv = ["analyze", "--model", str(folder), "--harmful", str(tmp_path / "harmful.txt"), "--harmless",
+            str(tmp_path / "harmless.txt"), "--xstest", str(tmp_path / "xs.txt"), "--n-val", "2", "--positions", "eoi-1"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--kl-rule", "fixed"]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b"), "--kl-percentile", "50"]) == 0
+    a, b = load_result(tmp_path / "a").selection, load_result(tmp_path / "b").selection
+    assert a.kl_rule == "fixed" and a.kl_tau == a.kl_threshold
+    assert b.kl_rule == "calibrated" and b.kl_percentile == 50.0
+    with pytest.raises(SystemExit) as e:  # argparse's one-line error naming the option
+        main(argv + ["--out", str(tmp_path / "c"), "--kl-percentile", "0"])
+    assert e.value.code == 2
