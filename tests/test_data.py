@@ -328,7 +328,7 @@ LOADERS = [
 
 @pytest.mark.parametrize("loader,expected", LOADERS)
 def test_missing_path(tmp_path, loader, expected):
-    with pytest.raises(FileNotFoundError, match=f"file not found.*expected.*{expected}"):
+    with pytest.raises(FileNotFoundError, match=f"does not exist.*expected.*{expected}"):
         loader(tmp_path / "nope.csv")
 
 

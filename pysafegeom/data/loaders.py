@@ -43,12 +43,9 @@ PROMPT_COLUMNS = ("prompt", "instruction", "text", "goal", "Behavior", "behavior
 
 
 def _path(path: PathLike, expected: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: file not found (expected {expected})")
-    if p.is_dir():
-        raise DataError(f"{p} is a directory (expected a file: {expected})")
-    return p
+    from .. import validate as V
+
+    return V.existing_file("path", path, expected)
 
 
 def _no_prompts(p: Path, expected: str, why: str = "") -> DataError:

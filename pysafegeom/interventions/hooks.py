@@ -98,24 +98,6 @@ def control_directions(d: int, n: int, k: int = 1, *, seed: int = 0, orthogonal_
     return Q
 
 
-def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise InvalidType(f"beta must be a number in [0, 1], got {beta!r}")
-    beta = float(beta)
-    if not 0.0 <= beta <= 1.0:  # also rejects NaN
-        raise InvalidArgument(f"beta must lie in [0, 1] (1 = full ablation), got {beta!r}")
-    return beta
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise InvalidType(f"alpha must be a finite number, got {alpha!r}")
-    alpha = float(alpha)
-    if alpha != alpha or alpha in (float("inf"), float("-inf")):
-        raise InvalidArgument(f"alpha must be a finite number, got {alpha!r} (NaN or infinite)")
-    return alpha
-
-
 def _check_layer(layer, n_layers: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise InvalidType(f"layer must be an int in [0, {n_layers}), got {type(layer).__name__} {layer!r}")
@@ -399,7 +381,7 @@ def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[in
     V.is_model("model", model)
     ad = ModelAdapter(model)
     Q = _basis(direction, ad.d_model, "direction")
-    beta = _check_beta(beta)
+    beta = V.finite_float("beta", beta, lo=0.0, hi=1.0, hint="1 = full ablation")
     idx = _layers(layers, ad.n_layers)
     gate = _Gate(positions, ad.device, tokenizer, template, system)
     edit = _Edit(Q, beta, None, ad.device, ad.dtype)
@@ -424,7 +406,7 @@ def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, position
     V.is_model("model", model)
     ad = ModelAdapter(model)
     layer = _check_layer(layer, ad.n_layers)
-    alpha = _check_alpha(alpha)
+    alpha = V.finite_float("alpha", alpha, hint="in units of the carrier's norm")
     if not isinstance(vector, torch.Tensor):
         raise InvalidType(f"vector must be a torch.Tensor of shape [d], got {type(vector).__name__}")
     if not vector.is_floating_point():
