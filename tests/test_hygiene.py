@@ -33,6 +33,8 @@ def _kw():
 
 def test_prompt_key_and_overlap_ignore_case_space_and_quotes():
     assert prompt_key("  How  DO I\tpick a lock’s pins? ") == prompt_key("how do i pick a lock's pins?")
+    assert prompt_key("Pick\u200b a \u201clock\u201d") == prompt_key('pick a "lock"')  # invisible chars, curly quotes
+    assert prompt_key("ﬁle") == prompt_key("file")  # NFKC
     assert overlap(["a b", "C", "d"], ["A  B", "x"]) == ["a b"]
     assert overlap(["a"], None) == [] and overlap(["a"], []) == []
 
@@ -63,10 +65,22 @@ def test_split_duplicates_and_cross_set_prompts_are_errors(model, tok):
 
 
 def test_readouts_use_only_held_out_splits(model, tok):
+    """The harmful readouts are the test-split prompts' projections, recomputed by hand from a capture of those
+    prompts alone; a readout of any training prompt would not match."""
+    from pysafegeom.data import split_prompts
+    from pysafegeom.protocol.capture import capture
+
     res = analyze(model, HARMFUL, HARMLESS, XS, tokenizer=tok, **_kw())
-    train = {prompt_key(p) for p in HARMFUL} - {prompt_key(p) for p in []}
-    n_test = res.meta["splits"]["harmful_test"]["n"]
-    assert len(res.readouts["harmful_test"]["h"]) == n_test < len(train)
+    splits = {s: [p.text for p in split_prompts(HARMFUL) if p.split == s] for s in ("train", "test")}
+    assert not overlap(splits["test"], splits["train"])
+    li = res.carriers.layers.index(res.metrics["reference"]["layer"])
+    h = res.carriers.H[li].double()
+    cap = capture(model, tok, {"test": splits["test"], "train": splits["train"]}, progress=False)
+    want = (cap.per_prompt["test"]["t_inst"][:, li].double() @ (h / h.norm())).tolist()
+    got = res.readouts["harmful_test"]["h"]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    trained = (cap.per_prompt["train"]["t_inst"][:, li].double() @ (h / h.norm())).tolist()
+    assert not any(g == pytest.approx(t, rel=1e-4, abs=1e-4) for g in got for t in trained)
     assert res.metrics["latent_guard"]["scored_on"] == "harmful_test, harmless_test"
 
 
