@@ -406,7 +406,7 @@ def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, position
     V.is_model("model", model)
     ad = ModelAdapter(model)
     layer = _check_layer(layer, ad.n_layers)
-    alpha = V.finite_float("alpha", alpha, hint="in units of the carrier's norm")
+    alpha = V.finite_float("alpha", alpha, hint="NaN and infinities are refused; alpha is in units of the carrier's norm")
     if not isinstance(vector, torch.Tensor):
         raise InvalidType(f"vector must be a torch.Tensor of shape [d], got {type(vector).__name__}")
     if not vector.is_floating_point():
