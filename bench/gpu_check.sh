@@ -13,6 +13,8 @@
 #      few timings                                                                            -> extra.log
 #   4. the generic backend suite on the GPU: cuda and triton vs the reference                 -> pytest.log
 #   5. bench/ops.py --device cuda, if present                                                  -> bench.log
+#   6b. GCG: equality to brute force on CUDA (5 archs), one step at width 512 in bf16 on a
+#      SmolLM2-shaped and a Llama-3.2-1B-shaped model (bench/gcg_gpu.py); tests/test_gcg.py    -> gcg.log
 #   6. compute-sanitizer memcheck over every CUDA op at small sizes, if time is left            -> sanitizer.log
 # The last lines printed are a summary table (also in summary.log). Exit status: 0 when every step that
 # ran passed.
@@ -317,6 +319,24 @@ elif run_step extra "$OUT/extra.log" "$(cap 150)" "$PY" /tmp/psg_extra.py; then
   note extra PASS $((SECONDS - t0)) "$(grep -c '^PASS' "$OUT/extra.log") checks"
 else
   note extra FAIL $((SECONDS - t0)) "$(grep -E '^extra checks:|Error' "$OUT/extra.log" | tail -1) (see extra.log)"
+fi
+
+# --- 6b. GCG on the GPU: equality to a float64 brute force on CUDA, one step at width 512 in bf16 ---------
+t0=$SECONDS
+if [ "$(left)" -lt 90 ]; then
+  note gcg SKIP 0 "not enough of the time budget left ($(left)s)"
+elif run_step gcg "$OUT/gcg.log" "$(cap 180)" "$PY" bench/gcg_gpu.py ${GPU_CHECK_QUICK:+--quick}; then
+  note gcg PASS $((SECONDS - t0)) "$(grep -c '^PASS' "$OUT/gcg.log") equality checks; $(grep -E 'shape' "$OUT/gcg.log" | tr -s ' ' | paste -sd';' -)"
+else
+  note gcg FAIL $((SECONDS - t0)) "see gcg.log"
+fi
+t0=$SECONDS
+if [ "$(left)" -lt 90 ] || [ ! -f tests/test_gcg.py ]; then
+  note gcg-tests SKIP 0 "no time left or no tests/test_gcg.py"
+elif run_step gcg-tests "$OUT/gcg_tests.log" "$(cap 120)" "$PY" -m pytest -q -x tests/test_gcg.py -m "not real_model"; then
+  note gcg-tests PASS $((SECONDS - t0)) "$(tail -1 "$OUT/gcg_tests.log")"
+else
+  note gcg-tests FAIL $((SECONDS - t0)) "see gcg_tests.log"
 fi
 
 # --- 6. compute-sanitizer memcheck (each tensor its own allocation, so out-of-bounds accesses show) ----

@@ -1,4 +1,4 @@
-"""Command line: ``pysafegeom info | positions | analyze | check-sets | train | demo``.
+"""Command line: ``pysafegeom info | positions | analyze | check-sets | train | demo | attack gcg``.
 
 Run ``pysafegeom <command> --help`` for each command's options.
 """
@@ -143,6 +143,86 @@ def _cmd_train(args) -> int:
     print(f"done: {cfg.steps} steps in {res.seconds:.0f} s ({res.tokens_per_s:.0f} tokens/s), final loss "
           f"{res.losses[-1]:.4f}; checkpoints: {', '.join(str(s) for s in res.checkpoints)}; final: {res.final_checkpoint}")
     return 0
+
+
+def _cmd_attack_gcg(args) -> int:
+    from pathlib import Path
+
+    from .attacks import GCGConfig
+    from .data import load_behaviors
+    from .models import load_model
+    from .pipelines.attack import attack_behaviors
+
+    cfg = GCGConfig(num_steps=args.steps, search_width=args.width, topk=args.topk, n_replace=args.n_replace,
+                    buffer_size=args.buffer_size, use_mellowmax=args.mellowmax, early_stop=not args.no_early_stop,
+                    allow_non_ascii=args.allow_non_ascii, filter_ids=not args.no_filter, seed=args.seed,
+                    optim_str_init=args.init if args.init is not None else GCGConfig().optim_str_init,
+                    add_space_before_target=args.space_before_target, template=args.template, system=args.system,
+                    progressive=args.progressive, batch_size=args.batch_size)
+    cfg.check()
+    behaviors = load_behaviors(args.behaviors, args.targets)
+    if args.limit is not None:
+        behaviors = behaviors[: args.limit]
+    from ._io import check_output_path
+
+    if not args.resume:
+        check_output_path(Path(args.out), args.overwrite, "dir", content="gcg attack")  # before the model loads
+    model, tok = load_model(args.model, device=args.device)
+    summary = attack_behaviors(model, tok, behaviors, cfg, out=args.out, universal=args.universal, resume=args.resume,
+                               overwrite=args.overwrite, max_new_tokens=args.max_new_tokens, source=args.model)
+    lo, hi = summary["asr_ci95"]
+    dlo, dhi = summary["direct_asr_ci95"]
+    print(f"{summary['n']} behaviours: ASR {summary['asr']:.2f} [{lo:.2f}, {hi:.2f}] vs direct request "
+          f"{summary['direct_asr']:.2f} [{dlo:.2f}, {dhi:.2f}] ({summary['judge']} judge); test cases in "
+          f"{Path(args.out) / 'test_cases.json'}")
+    return 0
+
+
+def _add_attack(sub) -> None:
+    from .models import DEFAULT_MODEL
+
+    s = sub.add_parser("attack", help="adversarial attacks on a model's refusal (gcg)")
+    asub = s.add_subparsers(dest="method", required=True)
+    g = asub.add_parser(
+        "gcg", help="GCG adversarial suffixes, judged, written as HarmBench test cases",
+        description="Greedy Coordinate Gradient: one suffix per behaviour (or one for all with --universal), "
+                    "optimised so the model starts its answer with the behaviour's target. Writes test_cases.json "
+                    "(HarmBench format), logs.json, records.jsonl (one record per behaviour), summary.json (ASR by "
+                    "judge beside the direct-request ASR) and loss_curves.svg. The state of every attack is saved "
+                    "each step: --resume continues a killed run to the identical result.",
+        epilog="example: pysafegeom attack gcg --model smollm2-135m-safety --behaviors harmbench_behaviors_text_test.csv "
+               "--targets harmbench_targets_text.json --out runs/gcg --steps 250 --width 512")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
+    g.add_argument("--behaviors", required=True, help="behaviours: a HarmBench CSV, an AdvBench CSV (goal, target), or "
+                   "a CSV/JSONL table with a prompt column and a target column")
+    g.add_argument("--targets", default=None, help="HarmBench's targets JSON (BehaviorID -> target); needed for a HarmBench CSV")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--limit", type=_POS, default=None, help="attack only the first N behaviours")
+    g.add_argument("--steps", type=_POS, default=250, help="GCG steps per behaviour (default 250)")
+    g.add_argument("--width", type=_POS, default=512, help="candidates per step (search width, default 512)")
+    g.add_argument("--topk", type=_POS, default=256, help="top-k tokens per suffix position (default 256)")
+    g.add_argument("--n-replace", type=_POS, default=1, help="positions replaced per candidate (default 1)")
+    g.add_argument("--buffer-size", type=_arg("nonneg_int"), default=0, help="attack buffer size (default 0: greedy)")
+    g.add_argument("--mellowmax", action="store_true", help="mellowmax loss instead of cross-entropy")
+    g.add_argument("--no-early-stop", action="store_true", help="run all steps even after an exact greedy match")
+    g.add_argument("--allow-non-ascii", action="store_true", help="let the suffix use non-ASCII tokens")
+    g.add_argument("--no-filter", action="store_true", help="skip the retokenisation filter (test cases may then not "
+                   "reproduce the attacked ids)")
+    g.add_argument("--init", default=None, help="initial suffix text (default: 20 x's)")
+    g.add_argument("--space-before-target", action="store_true", help="put a space before the target")
+    g.add_argument("--universal", action="store_true", help="one suffix for all behaviours (summed loss)")
+    g.add_argument("--progressive", action="store_true", help="with --universal: add behaviours one at a time "
+                   "(HarmBench's progressive prompts)")
+    g.add_argument("--template", default=None, help="chat template (default: the tokenizer's own; or chatml, llama-2, "
+                   "llama-3, mistral, zephyr, gemma, plain, or a Jinja string)")
+    g.add_argument("--system", default=None, help="optional system prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=_POS, default=None, help="most candidates per forward (default: all on CPU)")
+    g.add_argument("--max-new-tokens", type=_POS, default=64, help="tokens of the judged greedy answer (default 64)")
+    g.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace an attack already in --out")
+    g.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    g.set_defaults(func=_cmd_attack_gcg)
 
 
 def _read_prompts(path):
@@ -381,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     _add_check_sets(sub)
+    _add_attack(sub)
     return p
 
 

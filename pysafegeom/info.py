@@ -41,6 +41,12 @@ def collect() -> dict:
         "model_cache": {"path": str(cache_dir()), "models": cached_models()},
         "registered_models": {k: v.description for k, v in REGISTRY.items()},
     }
+    try:
+        from .attacks.gcg import hot_path
+
+        info["gcg_hot_path"] = {d: hot_path(d) for d in (["cpu", "cuda"] if cuda else ["cpu"])}
+    except Exception as exc:  # never let info fail
+        info["gcg_hot_path"] = {"error": f"{type(exc).__name__}: {exc}"}
     return info
 
 
@@ -66,6 +72,10 @@ def render(info: dict) -> str:
     for name, status in info["backends"].items():
         mark = "yes" if status == "available" else "no "
         lines.append(f"    {name:<8} {mark}  {'' if status == 'available' else status}".rstrip())
+    for dev, ops_used in (info.get("gcg_hot_path") or {}).items():
+        if isinstance(ops_used, dict):
+            lines += ["", f"  GCG hot path on {dev}"]
+            lines += [f"    {k}: {v}" for k, v in ops_used.items()]
     mc = info["model_cache"]
     lines += ["", f"  model cache   {mc['path']}"]
     if mc["models"]:

@@ -16,7 +16,7 @@ name                      n      contents
 
 Public formats are read from paths the user gives (the package ships none of them):
 :func:`load_advbench`, :func:`load_harmbench`, :func:`load_xstest`, :func:`load_refusal_direction`,
-:func:`load_alpaca`, and :func:`load_table` for any CSV/TSV/JSONL/JSON-list file with a named column.
+:func:`load_alpaca`, :func:`load_behaviors` (attack behaviours with targets), and :func:`load_table` for any CSV/TSV/JSONL/JSON-list file with a named column.
 :func:`load_prompts` resolves ``None`` / a bundled-set name / a list of strings / a path to prompts, and
 :func:`split_prompts` gives unsplit data a deterministic split.
 
@@ -31,6 +31,7 @@ from .loaders import (
     PROMPT_COLUMNS,
     load_advbench,
     load_alpaca,
+    load_behaviors,
     load_harmbench,
     load_path,
     load_prompts,
@@ -48,6 +49,7 @@ __all__ = [
     "filter_split",
     "load_advbench",
     "load_alpaca",
+    "load_behaviors",
     "load_default",
     "load_harmbench",
     "load_path",

@@ -486,3 +486,63 @@ def load_prompts(
         if not prompts:
             raise DataError(f"{where} contains no prompts in split {split!r}")
     return prompts
+
+
+# ------------------------------------------------------------------------------------ attack behaviours
+
+BEHAVIORS = ("a behaviours file: a HarmBench behaviours CSV (Behavior, BehaviorID; targets from --targets, "
+             "HarmBench's targets JSON), an AdvBench CSV (goal, target), or a CSV/JSONL/JSON table with a "
+             "prompt column (behavior, goal, prompt or instruction) and a target column")
+_TARGET_COLUMNS = ("target", "Target", "targets")
+
+
+def load_behaviors(path: PathLike, targets_path: PathLike | None = None, *,
+                   functional_category: str | None = "standard", require_targets: bool = True) -> list[Prompt]:
+    """Behaviours to attack, each a harmful :class:`Prompt` with ``meta["target"]`` the string the attack
+    optimises towards.
+
+    The format is recognised by its columns: HarmBench's behaviours CSV (``Behavior``, ``BehaviorID``;
+    targets from ``targets_path``, HarmBench's ``harmbench_targets_text.json``, keyed by BehaviorID;
+    ``functional_category`` as in :func:`load_harmbench`), AdvBench's ``harmful_behaviors.csv``
+    (``goal``, ``target``), or any table with a prompt column and a ``target`` column. A ``targets_path``
+    given for a non-HarmBench file overrides its targets by id. With ``require_targets`` a behaviour with
+    no target is a :class:`DataError` naming it.
+    """
+    p = _path(path, BEHAVIORS)
+    if p.suffix.lower() in (".csv", ".tsv"):
+        cols, _ = _read_csv(p, BEHAVIORS)
+    else:
+        cols, _ = _table_rows(p)
+    if "Behavior" in cols and "BehaviorID" in cols:
+        out = load_harmbench(p, targets_path, functional_category=functional_category)
+    else:
+        if "goal" in cols and "target" in cols and p.suffix.lower() == ".csv":
+            out = load_advbench(p)
+        else:
+            col = next((c for c in ("behavior", "Behavior", "goal", "prompt", "instruction", "text") if c in cols), None)
+            if col is None:
+                raise DataError(f"{p}: no prompt column; expected {BEHAVIORS}; the file has columns {', '.join(cols)}")
+            out = load_table(p, col)
+            for q in out:
+                t = next((q.meta.get(c) for c in _TARGET_COLUMNS if q.meta.get(c)), None)
+                q.meta["target"] = _s(t) if isinstance(t, str) else None
+                q.label = q.label or "harmful"
+        if targets_path is not None:
+            tp = _path(targets_path, HARMBENCH_TARGETS)
+            targets = _read_json(tp, HARMBENCH_TARGETS)
+            if not isinstance(targets, dict):
+                raise DataError(f"{tp} holds a JSON {type(targets).__name__}, not an object (expected {HARMBENCH_TARGETS})")
+            for q in out:
+                if q.id in targets:
+                    q.meta["target"] = _s(targets[q.id])
+    if require_targets:
+        missing = [q.id for q in out if not q.meta.get("target")]
+        if missing:
+            hint = (" pass targets_path= (--targets) HarmBench's harmbench_targets_text.json"
+                    if "Behavior" in cols else " add a 'target' column")
+            raise DataError(f"{p}: {len(missing)} of {len(out)} behaviours have no target (first: {missing[0]!r});{hint}")
+    ids = [q.id for q in out]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{p}: behaviour id {dup!r} appears more than once")
+    return out

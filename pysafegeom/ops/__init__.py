@@ -553,13 +553,15 @@ def sample_candidates(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     *,
+    exclude_current: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
     """GCG candidates: ``width`` copies of ``ids [L]``, each with ``n_replace`` distinct positions replaced.
 
     Each replacement at position i is drawn uniformly from the top-``topk`` tokens of ``-grad[i]``
     (``grad [L, V]`` is the token gradient), excluding ``forbidden`` ids and the current ``ids[i]``, so
-    every candidate differs from ``ids`` in exactly ``n_replace`` positions. Random draws come from
+    every candidate differs from ``ids`` in exactly ``n_replace`` positions (``exclude_current=False``
+    lets the current id be drawn, as nanoGCG does, so no-op candidates can occur). Random draws come from
     ``generator`` (or a CPU generator seeded with ``seed``) and are independent of the backend, so a seed
     reproduces the same candidates on every backend. Returns ``[width, L]`` int64 on ids' device.
     """
@@ -579,7 +581,7 @@ def sample_candidates(
                            "of a diverged loss cannot rank candidates; check the loss (a float16 overflow?)")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise OpInputError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-    top = masked_topk(grad, topk, forbidden, ids, backend=backend)  # [L, topk]
+    top = masked_topk(grad, topk, forbidden, ids if exclude_current else None, backend=backend)  # [L, topk]
     if generator is None:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     pos = torch.rand(width, L, generator=generator).argsort(dim=1)[:, :n_replace]  # [width, n_replace]

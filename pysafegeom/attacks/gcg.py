@@ -1,0 +1,1005 @@
+"""Greedy Coordinate Gradient (GCG; Zou et al. 2023): an adversarial suffix that makes a model start its
+answer with a target string.
+
+One step, for the current suffix ``x [L]`` (token ids):
+
+1. **Token gradient.** ``g = d loss / d onehot(x)``, ``[L, V]``: one forward and backward of the attacked
+   prompt with the suffix fed as ``onehot(x) @ W_E``, through the prefix KV cache.
+2. **Candidates.** ``search_width`` copies of ``x``, each with ``n_replace`` positions replaced by a token
+   drawn uniformly from the ``topk`` most negative entries of ``g`` at that position (never a forbidden
+   token, never the current one), by :func:`pysafegeom.ops.sample_candidates` with this attack's own
+   seeded generator. The retokenisation filter keeps candidates whose decoded text, put into the
+   prompt, tokenises back to exactly the same ids.
+3. **Scoring.** The loss of every candidate (mean CE of the target tokens; mellowmax of the negated
+   target logits with ``use_mellowmax``), summed over behaviours (universal mode) and models (ensemble).
+4. **Update.** The lowest-loss candidate becomes the suffix (with ``buffer_size > 0``: the best of a
+   buffer of the best suffixes seen), as in nanoGCG.
+
+The scoring in step 3 is where the time goes, and it is made cheaper by exact means only, each a
+:class:`GCGConfig` switch, each tested to give the losses of a brute-force full forward:
+
+* ``use_prefix_cache``: the template and instruction before the suffix are run once per attack; their KV
+  cache is shared by every candidate as an expanded view (no copy per candidate).
+* ``target_only_logits``: the LM head runs at the target positions only, through the fused
+  :func:`pysafegeom.ops.chunked_cross_entropy`, so ``[B, T, V]`` logits never exist; the final target
+  token, whose output nothing reads, is not fed at all.
+* ``reuse_suffix_prefix``: a candidate that first differs from the current suffix at position ``p`` shares
+  ``before + x[:p]`` with it; that KV is taken from the gradient pass. Candidates are sorted by ``p`` and
+  cut into batches that minimise (rows computed + a per-batch overhead), so the reuse is used where it
+  measures faster than one big batch.
+* ``dedupe``: identical candidates are scored once, and a memo of losses seen in earlier steps (cleared
+  whenever the set of behaviours changes) skips repeats.
+* ``exclude_current``: the current token is never drawn, so there are no no-op candidates.
+* batches of at most ``batch_size`` candidates (None: all on CPU, an estimate from free memory on CUDA),
+  halved on out-of-memory; no ``empty_cache`` between batches.
+
+Prompts are built from the chat template rendered around a sentinel (as :mod:`pysafegeom.prompts` does):
+the instruction, then the suffix, inside the user turn; turn markers that are also the BOS token are
+kept. With the retokenisation filter on, the attacked ids always equal
+``tokenizer.apply_chat_template(instruction + suffix)``: what the test case string gives any other tool.
+
+Determinism: all randomness comes from one ``torch.Generator`` seeded with ``seed``; with ``out=`` every
+step writes the whole state (suffix, buffer, generator state, step, losses, loss memo) atomically, and a
+killed run resumed with ``resume=True`` reaches the identical result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import ops
+from .. import validate as V
+from .._io import atomic_write_bytes, atomic_write_text, json_safe
+from ..errors import InvalidArgument, InvalidType, OutputExists
+from ..models.forward import forward
+from ..prompts import SENTINEL, resolve_template, special_token_strings
+
+DEFAULT_OPTIM_STR = "x x x x x x x x x x x x x x x x x x x x"
+STATE_FILE = "gcg_state.pt"
+STATE_VERSION = 1
+
+
+class AttackError(InvalidArgument):
+    """Bad input to an attack, or an attack that cannot go on (every candidate filtered out); a ``ValueError``."""
+
+
+# --- configuration and result ---------------------------------------------------------------------
+
+@dataclass
+class GCGConfig:
+    """GCG options. Defaults follow nanoGCG 0.3.0 where it has the option.
+
+    Search: ``num_steps`` (250), ``search_width`` candidates per step (512), ``topk`` tokens per position
+    (256), ``n_replace`` positions changed per candidate (1), ``buffer_size`` (0: always move to the step's
+    best candidate, as the original GCG; k > 0: keep the k best suffixes seen and continue from the best).
+    Loss: mean target CE, or with ``use_mellowmax`` the mellowmax (``mellowmax_alpha``) of the negated
+    target logits. ``early_stop``: stop when the step's best candidate greedily decodes the whole target
+    (in every behaviour and model). Tokens: ``allow_non_ascii`` (False: printable ASCII tokens only; control
+    and special tokens are never allowed), ``filter_ids`` (the in-context retokenisation filter).
+    Prompt: ``optim_str_init`` (the initial suffix text; a list fills the buffer), ``separator`` put between
+    the instruction and the suffix (" "), ``add_space_before_target``, ``template``/``system`` as in
+    :func:`pysafegeom.prompts.format_prompts`. ``seed`` seeds the attack's only generator.
+    Universal mode: ``progressive`` adds behaviours one at a time, the next once the suffix succeeds on all
+    current ones (HarmBench's progressive prompts). Exact speed-ups: see the module docstring.
+    """
+
+    num_steps: int = 250
+    search_width: int = 512
+    topk: int = 256
+    n_replace: int = 1
+    buffer_size: int = 0
+    use_mellowmax: bool = False
+    mellowmax_alpha: float = 1.0
+    early_stop: bool = False
+    allow_non_ascii: bool = False
+    filter_ids: bool = True
+    optim_str_init: str | list[str] = DEFAULT_OPTIM_STR
+    separator: str = " "
+    add_space_before_target: bool = False
+    seed: int = 0
+    template: str | None = None
+    system: str | None = None
+    progressive: bool = False
+    # exact speed-ups
+    use_prefix_cache: bool = True
+    target_only_logits: bool = True
+    reuse_suffix_prefix: bool = True
+    dedupe: bool = True
+    exclude_current: bool = True
+    batch_size: int | None = None
+    batch_overhead_rows: int | None = None
+    batch_max_rows: int | None = None
+    ce_backend: str | None = None
+    memo_size: int = 200_000
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> "GCGConfig":
+        """Validate every field; raises :class:`AttackError` / ``TypeError`` naming the bad one."""
+        V.positive_int("num_steps", self.num_steps)
+        V.positive_int("search_width", self.search_width, hint="the number of candidates per step (width < 1 is empty)")
+        V.positive_int("topk", self.topk)
+        V.positive_int("n_replace", self.n_replace)
+        V.nonneg_int("buffer_size", self.buffer_size)
+        V.finite_float("mellowmax_alpha", self.mellowmax_alpha, lo=0.0, lo_open=True)
+        for name in ("use_mellowmax", "early_stop", "allow_non_ascii", "filter_ids", "add_space_before_target",
+                     "progressive", "use_prefix_cache", "target_only_logits", "reuse_suffix_prefix", "dedupe",
+                     "exclude_current", "progress"):
+            V.boolean(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidType(f"seed must be an int, got {type(self.seed).__name__} {V.show(self.seed)}")
+        inits = [self.optim_str_init] if isinstance(self.optim_str_init, str) else self.optim_str_init
+        if not isinstance(inits, (list, tuple)) or not inits or not all(isinstance(s, str) for s in inits):
+            raise InvalidType("optim_str_init must be a string or a non-empty list of strings")
+        if any(V.is_blank(s) for s in inits):
+            raise AttackError("optim_str_init is empty: the suffix needs at least one token to optimise")
+        if not isinstance(self.separator, str):
+            raise InvalidType(f"separator must be a string, got {type(self.separator).__name__}")
+        V.optional_positive_int("batch_size", self.batch_size)
+        V.optional_positive_int("batch_overhead_rows", self.batch_overhead_rows)
+        V.optional_positive_int("batch_max_rows", self.batch_max_rows)
+        V.positive_int("memo_size", self.memo_size)
+        if self.ce_backend is not None:
+            V.choice("ce_backend", self.ce_backend, ("torch", "cpp", "cuda", "triton"))
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GCGConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise AttackError(f"unknown GCG option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def reference(cls, **kw) -> "GCGConfig":
+        """The same algorithm with every exact speed-up off: the plain-torch path the benchmark compares with."""
+        kw = dict(kw)
+        kw.update(use_prefix_cache=False, target_only_logits=False, reuse_suffix_prefix=False, dedupe=False,
+                  ce_backend="torch")
+        return cls(**kw)
+
+
+@dataclass
+class GCGResult:
+    """What an attack found.
+
+    ``best_loss``/``best_string``/``best_ids``: the lowest per-step loss and its suffix (text as it follows
+    the instruction, ids ``[L]``). ``losses``/``strings``: per step, the step's best candidate loss and the
+    suffix after the step. ``seconds_per_step``, ``n_candidates`` (after the filter) and ``n_scored``
+    (after dedupe and the memo) per step. ``test_cases``: for each behaviour, the user message
+    (instruction + best suffix), the HarmBench test-case string. ``stopped_early``: the target was matched
+    greedily (``success_step`` is then that step). ``config``: the options used.
+    """
+
+    best_loss: float
+    best_string: str
+    best_ids: list[int]
+    losses: list[float]
+    strings: list[str]
+    seconds_per_step: list[float]
+    n_candidates: list[int]
+    n_scored: list[int]
+    test_cases: list[str]
+    instructions: list[str]
+    targets: list[str]
+    stopped_early: bool
+    success_step: int | None
+    config: dict
+    resumed_from: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+@dataclass
+class AttackPrompt:
+    """One attacked prompt: ``before_text + suffix + after_text``, then the target.
+
+    ``before_text`` ends with the instruction (and the separator's owner, the suffix, follows it);
+    ``before_ids [P]``, ``after_ids [A]``, ``target_ids [T]`` are token ids. ``pre``/``post``: the user
+    message's text before and after the suffix, so the user message is ``pre + suffix + post``.
+    """
+
+    before_text: str
+    after_text: str
+    target_text: str
+    before_ids: list[int]
+    after_ids: list[int]
+    target_ids: list[int]
+    pre: str
+    post: str
+    messages: list[dict]
+    user_index: int
+
+    def user_message(self, suffix: str) -> str:
+        return self.pre + suffix + self.post
+
+    def chat(self, suffix: str) -> list[dict]:
+        msgs = [dict(m) for m in self.messages]
+        msgs[self.user_index]["content"] = self.user_message(suffix)
+        return msgs
+
+
+def _as_chat(message, system: str | None) -> tuple[list[dict], int, str, str]:
+    """(messages, index of the attacked user message, text before the suffix, text after it)."""
+    if isinstance(message, str):
+        if V.is_blank(message):
+            raise AttackError("an instruction is empty: there is nothing to attack")
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": message}]
+        return msgs, len(msgs) - 1, message, ""
+    if not isinstance(message, (list, tuple)) or not message or not all(isinstance(m, dict) for m in message):
+        raise InvalidType("a message must be an instruction string or a chat: a non-empty list of "
+                          "{'role': ..., 'content': ...} dicts")
+    msgs = [dict(m) for m in message]
+    for i, m in enumerate(msgs):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidType(f"chat message {i} needs a string 'role' and a string 'content'")
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        raise AttackError("the chat has no user message to attack")
+    ui = users[-1]
+    content = msgs[ui]["content"]
+    if "{optim_str}" in content:
+        if content.count("{optim_str}") > 1:
+            raise AttackError("the user message contains '{optim_str}' more than once")
+        pre, post = content.split("{optim_str}")
+    else:
+        pre, post = content, ""
+    if V.is_blank(pre + post):
+        raise AttackError("the attacked user message is empty: there is nothing to attack")
+    if system is not None and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+        ui += 1
+    return msgs, ui, pre, post
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt(tokenizer, message, target: str, *, template: str | None = None, system: str | None = None,
+                 add_space_before_target: bool = False) -> AttackPrompt:
+    """Render the chat template around a sentinel at the suffix's place and tokenise both sides."""
+    if not isinstance(target, str):
+        raise InvalidType(f"a target must be a string, got {type(target).__name__}")
+    if V.is_blank(target):
+        raise AttackError("a target is empty: GCG needs a target string to optimise towards")
+    msgs, ui, pre, post = _as_chat(message, system)
+    specials = special_token_strings(tokenizer)
+    for m in msgs:
+        bad = [s for s in specials if s in m["content"]]
+        if bad:
+            raise AttackError(f"a {m['role']} message contains the control-token text {bad[0]!r}; the attacked "
+                              "prompt would forge a turn marker (remove it from the message)")
+    tpl = resolve_template(tokenizer, template)
+    probe = [dict(m) for m in msgs]
+    probe[ui]["content"] = pre + SENTINEL + post
+    try:
+        text = tokenizer.apply_chat_template(probe, chat_template=tpl, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        raise AttackError(f"the chat template failed to render the attacked chat: {exc}") from exc
+    if text.count(SENTINEL) != 1:
+        raise AttackError("the chat template does not render the user message exactly once; cannot place the suffix")
+    before_text, after_text = text.split(SENTINEL)
+    target_text = (" " + target) if add_space_before_target else target
+    before_ids, after_ids, target_ids = _ids(tokenizer, before_text), _ids(tokenizer, after_text), _ids(tokenizer, target_text)
+    if not before_ids:
+        raise AttackError("the prompt before the suffix tokenises to nothing")
+    joint = _ids(tokenizer, after_text + target_text)
+    if joint != after_ids + target_ids:
+        raise AttackError(
+            f"the target {target!r} tokenises differently after the template ({len(joint) - len(after_ids)} ids in "
+            f"context vs {len(target_ids)} alone), so its loss would score tokens the model never sees; "
+            "try add_space_before_target=True or remove leading whitespace from the target")
+    return AttackPrompt(before_text, after_text, target_text, before_ids, after_ids, target_ids, pre, post, msgs, ui)
+
+
+def forbidden_tokens(tokenizer, vocab_rows: int, allow_non_ascii: bool = False) -> torch.Tensor:
+    """``[vocab_rows]`` bool: ids never used in a suffix: special and added control tokens, ids past the
+    tokenizer's vocabulary, and (unless ``allow_non_ascii``) tokens whose text is not printable ASCII."""
+    n_tok = len(tokenizer)
+    bad = torch.zeros(vocab_rows, dtype=torch.bool)
+    if vocab_rows > n_tok:
+        bad[n_tok:] = True
+    ids = set(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []))
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False) or str(getattr(t, "content", "")) in special_token_strings(tokenizer):
+            ids.add(int(i))
+    for i in ids:
+        if 0 <= i < vocab_rows:
+            bad[i] = True
+    if not allow_non_ascii:
+        n = min(n_tok, vocab_rows)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        for i, s in enumerate(texts):
+            if not (s.isascii() and s.isprintable()) or s == "":
+                bad[i] = True
+    return bad
+
+
+# --- caches ----------------------------------------------------------------------------------------
+
+def _out_cache(out):
+    for name in ("cache", "past_key_values"):
+        try:
+            c = out[name]
+        except (KeyError, AttributeError):
+            continue
+        if c is not None:
+            return c
+    raise AttackError("the model returned no KV cache; run with use_prefix_cache=False")
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(keys, values)`` ``[B, H, S, D]`` of a transformers cache (layers API, or the older lists)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):  # pragma: no cover - transformers < 4.56
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]  # pragma: no cover - legacy tuples
+
+
+def _cache_view(model, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int, batch: int):
+    """A cache holding the first ``n`` positions of ``kv`` for ``batch`` rows, as expanded views (no copy).
+
+    A forward extends each layer by concatenation, so the views themselves are never written to.
+    """
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # pragma: no cover - configs the layer-type dispatch does not know
+        cache = DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # pragma: no cover - transformers < 4.56: a copying fallback
+        return DynamicCache.from_legacy_cache(tuple(
+            (k[:, :, :n].expand(batch, -1, -1, -1).contiguous(), v[:, :, :n].expand(batch, -1, -1, -1).contiguous())
+            for k, v in kv))
+    if len(layers) < len(kv):
+        from transformers.cache_utils import DynamicLayer
+
+        layers.extend(DynamicLayer() for _ in range(len(kv) - len(layers)))
+    for layer, (k, v) in zip(layers, kv):
+        kk = k[:, :, :n].expand(batch, -1, -1, -1)
+        vv = v[:, :, :n].expand(batch, -1, -1, -1)
+        layer.lazy_initialization(kk, vv)
+        if getattr(layer, "is_sliding", False):
+            if n >= layer.sliding_window:
+                raise AttackError("the attacked prompt is longer than the model's sliding window; run with "
+                                  "use_prefix_cache=False")
+            layer.cumulative_length = n
+        layer.keys, layer.values = kk, vv
+    return cache
+
+
+# --- one model's scoring ---------------------------------------------------------------------------
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def mellowmax(t: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
+    """``(logsumexp(alpha * t) - log n) / alpha`` along ``dim``: a smooth maximum (Asadi & Littman 2017)."""
+    n = t.shape[dim]
+    return (torch.logsumexp(alpha * t, dim=dim) - math.log(n)) / alpha
+
+
+class _ModelScorer:
+    """The attack as one model sees it: embeddings, body, LM head, and per-behaviour caches."""
+
+    def __init__(self, model, prompts: list[AttackPrompt], cfg: GCGConfig, notes: list[str]):
+        self.model, self.cfg, self.prompts = model, cfg, prompts
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.embed = model.get_input_embeddings()
+        self.W_E = self.embed.weight
+        scale = getattr(self.embed, "embed_scale", None)
+        self.embed_scale = float(scale) if scale is not None else 1.0
+        self.head = model.get_output_embeddings()
+        self.body = getattr(model, "base_model", model)
+        self.target_only = cfg.target_only_logits and self._head_is_plain()
+        if cfg.target_only_logits and not self.target_only:
+            notes.append(f"{type(model).__name__}: the LM head is not a plain bias-free linear map, so the "
+                         "target-only loss is off (full logits at the target positions)")
+        self.ce_backend = cfg.ce_backend or ("torch" if self.device.type == "cpu" else None)
+        # the batch cost model (rows = candidates x tokens fed): a fixed cost per forward, in rows, and the
+        # most rows in one forward. On 2 CPU cores (SmolLM2-135M, width 64) an overhead of 96-192 rows and no
+        # cap measured fastest (2.7 s/step vs 3.0 with one batch and 3.15 with one batch per position).
+        self.overhead = cfg.batch_overhead_rows or (128 if self.device.type == "cpu" else 4096)
+        self.max_rows = cfg.batch_max_rows or (1 << 30)
+        self.max_batch = cfg.batch_size or (1 << 30)
+        self.t = [dict(
+            before=torch.tensor(p.before_ids, device=self.device)[None],
+            after=torch.tensor(p.after_ids, device=self.device)[None],
+            target=torch.tensor(p.target_ids, device=self.device),
+        ) for p in prompts]
+        self.prefix_kv: list = [None] * len(prompts)
+        self.step_kv: list = [None] * len(prompts)
+        self.step_ids: torch.Tensor | None = None
+        if cfg.use_prefix_cache:
+            with torch.no_grad():
+                for b, t in enumerate(self.t):
+                    out = forward(self.body, t["before"], use_cache=True)
+                    self.prefix_kv[b] = [(k.detach(), v.detach()) for k, v in _cache_tensors(_out_cache(out))]
+        self._check_embedding()
+
+    def _head_is_plain(self) -> bool:
+        h = self.head
+        if not isinstance(h, torch.nn.Linear) or h.bias is not None:
+            return False
+        cfg = self.model.config
+        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+            v = getattr(cfg, attr, None)
+            if v not in (None, 1, 1.0):
+                return False
+        return type(self.body) is not type(self.model)
+
+    def _check_embedding(self) -> None:
+        ids = self.t[0]["before"][:, :4]
+        with torch.no_grad():
+            got = self.embed(ids)
+            mine = self.W_E[ids] * self.embed_scale
+        if not torch.allclose(got.float(), mine.float(), rtol=1e-3, atol=1e-5):
+            raise AttackError(f"{type(self.model).__name__}: its input embedding is not a (scaled) lookup of its "
+                              "weight, so the one-hot token gradient is undefined for it")
+
+    # -- losses from hidden states or logits
+
+    def _loss_h(self, h: torch.Tensor, b: int) -> torch.Tensor:
+        """``h [B, T, d]`` final hidden states at the positions predicting the target -> loss ``[B]`` float32."""
+        tgt = self.t[b]["target"]
+        B, T, d = h.shape
+        W = self.head.weight.detach()
+        if self.cfg.use_mellowmax:
+            z = (h.float() * W[tgt].float()[None]).sum(-1)  # [B, T] target logits
+            return mellowmax(-z, self.cfg.mellowmax_alpha)
+        ce = ops.chunked_cross_entropy(h.reshape(B * T, d), W, tgt.repeat(B), backend=self.ce_backend)
+        return ce.view(B, T).mean(1)
+
+    def _loss_logits(self, logits: torch.Tensor, b: int) -> torch.Tensor:
+        """``logits [B, T, V]`` at the positions predicting the target -> loss ``[B]`` float32."""
+        tgt = self.t[b]["target"]
+        B, T, Vv = logits.shape
+        if self.cfg.use_mellowmax:
+            z = logits.float().gather(-1, tgt[None, :, None].expand(B, T, 1)).squeeze(-1)
+            return mellowmax(-z, self.cfg.mellowmax_alpha)
+        ce = torch.nn.functional.cross_entropy(logits.float().reshape(B * T, Vv), tgt.repeat(B), reduction="none")
+        return ce.view(B, T).mean(1)
+
+    # -- the gradient pass
+
+    def token_grad(self, ids: torch.Tensor, active: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """``d (summed loss) / d onehot(ids)`` -> ``([L, V] float32 on CPU, loss)``; keeps the KV of the
+        suffix for :meth:`score`'s prefix reuse."""
+        L = ids.shape[0]
+        onehot = torch.zeros(L, self.W_E.shape[0], device=self.device, dtype=self.W_E.dtype)
+        onehot.scatter_(1, ids.to(self.device)[:, None], 1.0)
+        onehot.requires_grad_(True)
+        total = 0.0
+        for b in active:
+            t = self.t[b]
+            T = t["target"].shape[0]
+            with torch.enable_grad():
+                x_opt = (onehot @ self.W_E) * self.embed_scale  # [L, d]
+                with torch.no_grad():
+                    rest = self.embed(torch.cat([t["after"], t["target"][None, :-1]], dim=1))  # [1, A+T-1, d]
+                x = torch.cat([x_opt[None], rest], dim=1)
+                if self.cfg.use_prefix_cache:
+                    cache = _cache_view(self.model, self.prefix_kv[b], len(self.prompts[b].before_ids), 1)
+                    out = forward(self.body if self.target_only else self.model, inputs_embeds=x, cache=cache)
+                else:
+                    with torch.no_grad():
+                        xb = self.embed(t["before"])
+                    out = forward(self.body if self.target_only else self.model, inputs_embeds=torch.cat([xb, x], 1))
+                if self.target_only:
+                    loss = self._loss_h(out.last_hidden_state[:, -T:], b)
+                else:
+                    loss = self._loss_logits(out.logits[:, -T:], b)
+                loss.sum().backward()
+            total += float(loss.detach().sum())
+            if self.cfg.use_prefix_cache and self.cfg.reuse_suffix_prefix:
+                P = len(self.prompts[b].before_ids)
+                self.step_kv[b] = [(k.detach()[:, :, :P + L], v.detach()[:, :, :P + L])
+                                   for k, v in _cache_tensors(cache)]
+            else:
+                self.step_kv[b] = None
+        self.step_ids = ids.detach().cpu().clone()
+        return onehot.grad.detach().float().cpu(), total
+
+    # -- candidate scoring
+
+    def _partition(self, p_sorted: list[int], n_rows: Callable[[int], int]) -> list[tuple[int, int]]:
+        """Cut candidates sorted by first changed position into batches minimising
+        ``sum(batch size * rows per candidate from the batch's smallest p) + overhead * batches``."""
+        N = len(p_sorted)
+        groups: list[tuple[int, int, int]] = []  # (p, start, end)
+        for i, p in enumerate(p_sorted):
+            if groups and groups[-1][0] == p:
+                groups[-1] = (p, groups[-1][1], i + 1)
+            else:
+                groups.append((p, i, i + 1))
+        G = len(groups)
+        best = [0.0] + [math.inf] * G
+        cut = [0] * (G + 1)
+        def per_batch(r: int) -> int:
+            return max(1, min(self.max_batch, self.max_rows // max(1, r)))
+
+        for j in range(1, G + 1):
+            for i in range(j):
+                count = groups[j - 1][2] - groups[i][1]
+                r = n_rows(groups[i][0])
+                n_b = -(-count // per_batch(r))
+                c = best[i] + count * r + self.overhead * n_b
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        bounds, j = [], G
+        while j > 0:
+            i = cut[j]
+            s, e = groups[i][1], groups[j - 1][2]
+            k = per_batch(n_rows(groups[i][0]))
+            n_b = -(-(e - s) // k)
+            size = -(-(e - s) // n_b)  # equal batches rather than a full ones and a remainder
+            for a in range(s, e, size):
+                bounds.append((a, min(e, a + size)))
+            j = i
+        assert sum(e - s for s, e in bounds) == N
+        return sorted(bounds)
+
+    def score(self, cands: torch.Tensor, cur: torch.Tensor, b: int) -> torch.Tensor:
+        """Losses ``[N]`` (float32, CPU) of candidate suffixes ``cands [N, L]`` for behaviour ``b``; the KV of
+        ``before + cur[:p]`` is reused when :meth:`token_grad` last ran at ``cur``."""
+        cands = cands.to(self.device)
+        N, L = cands.shape
+        t = self.prompts[b]
+        P, A, T = len(t.before_ids), len(t.after_ids), len(t.target_ids)
+        reuse = self.step_kv[b] is not None and self.step_ids is not None and torch.equal(self.step_ids, cur.cpu())
+        if reuse:
+            diff = cands != cur.to(self.device)[None]
+            p = torch.where(diff.any(1), diff.float().argmax(1), torch.full((N,), L, device=self.device))
+        else:
+            p = torch.zeros(N, dtype=torch.long, device=self.device)
+        order = torch.argsort(p, stable=True)
+        p_sorted = p[order].tolist()
+        losses = torch.empty(N, dtype=torch.float32)
+        todo = self._partition(p_sorted, lambda p0: L - p0 + A + T - 1)
+        tt = self.t[b]
+        net = self.body if self.target_only else self.model
+        while todo:
+            s, e = todo.pop(0)
+            idx = order[s:e]
+            p0 = p_sorted[s]
+            n = e - s
+            toks = torch.cat([cands[idx, p0:], tt["after"].expand(n, -1), tt["target"][None, :-1].expand(n, -1)], 1)
+            try:
+                with torch.no_grad():
+                    if self.cfg.use_prefix_cache:
+                        kv = self.step_kv[b] if reuse else self.prefix_kv[b]
+                        out = forward(net, toks, cache=_cache_view(self.model, kv, P + p0, n))
+                    else:
+                        out = forward(net, torch.cat([tt["before"].expand(n, -1), toks], 1))
+                    if self.target_only:
+                        lo = self._loss_h(out.last_hidden_state[:, -T:], b)
+                    else:
+                        lo = self._loss_logits(out.logits[:, -T:], b)
+            except Exception as exc:  # out of memory: halve the batch and retry this part
+                if not _is_oom(exc) or n == 1:
+                    raise
+                self.max_batch = max(1, n // 2)
+                todo[:0] = [(s, s + n // 2), (s + n // 2, e)]
+                continue
+            losses[idx.cpu()] = lo.float().cpu()
+            del out
+        return losses
+
+
+# --- the attack -------------------------------------------------------------------------------------
+
+def _model_list(model) -> list:
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise AttackError("no model given")
+    for i, m in enumerate(models):
+        V.is_model(f"model[{i}]" if len(models) > 1 else "model", m)
+    return models
+
+
+def _check_tokenizers(models: list, tokenizer) -> Any:
+    toks = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    for i, t in enumerate(toks):
+        V.is_tokenizer(f"tokenizer[{i}]" if len(toks) > 1 else "tokenizer", t)
+    if len(toks) > 1:
+        if len(toks) != len(models):
+            raise AttackError(f"got {len(models)} models but {len(toks)} tokenizers; pass one tokenizer, or one per model")
+        v0 = toks[0].get_vocab()
+        for i, t in enumerate(toks[1:], 1):
+            if t.get_vocab() != v0:
+                raise AttackError(f"the models of an ensemble must share a tokenizer: tokenizer {i} has a different "
+                                  "vocabulary from tokenizer 0, so one suffix cannot be the same ids for both")
+    n = len(toks[0])
+    for i, m in enumerate(models):
+        rows = m.get_input_embeddings().weight.shape[0]
+        if rows < n:
+            raise AttackError(f"model {i} has {rows} embedding rows but the tokenizer has {n} tokens: they do not belong together")
+    if len(models) > 1:
+        rows = {m.get_input_embeddings().weight.shape[0] for m in models}
+        if len(rows) > 1:
+            raise AttackError(f"the models of an ensemble must share a tokenizer and vocabulary, but their embedding sizes "
+                              f"differ ({sorted(rows)})")
+    return toks[0]
+
+
+def model_hash(model) -> str:
+    """A short fingerprint of a model: class, config and a sample of its weights (sha256, 16 hex digits)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    try:
+        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    except Exception:  # pragma: no cover
+        pass
+    with torch.no_grad():
+        for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class GCG:
+    """One GCG attack, set up and ready to step: ``GCG(model, tokenizer, messages, targets, config).run()``.
+
+    ``model``: a causal LM, or a list of them that share ``tokenizer`` (ensemble: losses summed).
+    ``messages``: an instruction string or a chat (list of role/content dicts, the suffix at
+    ``{optim_str}`` or appended to the last user message), or a list of those (universal: one suffix for
+    all, losses summed). ``targets``: one target string per behaviour.
+    """
+
+    def __init__(self, model, tokenizer, messages, targets, config: GCGConfig | None = None):
+        self.cfg = (config or GCGConfig())
+        if not isinstance(self.cfg, GCGConfig):
+            raise InvalidType(f"config must be a GCGConfig, got {type(self.cfg).__name__}")
+        self.cfg.check()
+        self.models = _model_list(model)
+        self.tok = _check_tokenizers(self.models, tokenizer)
+        behaviours, tgts = self._behaviours(messages, targets)
+        c = self.cfg
+        self.prompts = [build_prompt(self.tok, m, t, template=c.template, system=c.system,
+                                     add_space_before_target=c.add_space_before_target) for m, t in zip(behaviours, tgts)]
+        self.instructions = [p.pre + p.post for p in self.prompts]
+        self.targets = list(tgts)
+        self.notes: list[str] = []
+        self.vocab_rows = self.models[0].get_input_embeddings().weight.shape[0]
+        self.forbidden = forbidden_tokens(self.tok, self.vocab_rows, c.allow_non_ascii)
+        n_allowed = int((~self.forbidden).sum()) - (1 if c.exclude_current else 0)
+        if c.topk > n_allowed:
+            raise AttackError(f"topk={c.topk} is larger than the {n_allowed} tokens a suffix position may take "
+                              f"(allow_non_ascii={c.allow_non_ascii}); lower topk")
+        self.init_ids = self._init_ids()
+        self.scorers = [_ModelScorer(m, self.prompts, c, self.notes) for m in self.models]
+        self.active = 1 if c.progressive else len(self.prompts)
+        self.memo: dict[bytes, float] = {}
+
+    # -- set-up
+
+    @staticmethod
+    def _behaviours(messages, targets) -> tuple[list, list[str]]:
+        single = isinstance(messages, str) or (isinstance(messages, (list, tuple)) and messages
+                                               and all(isinstance(m, dict) for m in messages))
+        behaviours = [messages] if single else list(messages) if isinstance(messages, (list, tuple)) else None
+        if not behaviours:
+            raise InvalidType("messages must be an instruction, a chat, or a non-empty list of them")
+        tgts = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
+        if tgts is None:
+            raise InvalidType(f"targets must be a string or a list of strings, got {type(targets).__name__}")
+        if len(tgts) != len(behaviours):
+            raise AttackError(f"got {len(behaviours)} behaviours but {len(tgts)} targets; give one target per behaviour")
+        return behaviours, tgts
+
+    def _init_ids(self) -> list[list[int]]:
+        inits = [self.cfg.optim_str_init] if isinstance(self.cfg.optim_str_init, str) else list(self.cfg.optim_str_init)
+        p = self.prompts[0]
+        out = []
+        for s in inits:
+            text = self.cfg.separator + s
+            full = _ids(self.tok, p.before_text + text + p.after_text)
+            P, A = len(p.before_ids), len(p.after_ids)
+            mid = full[P:len(full) - A]
+            if full[:P] != p.before_ids or full[len(full) - A:] != p.after_ids or not mid:
+                raise AttackError(f"the suffix init {s!r} merges with the text around it when tokenised in the "
+                                  "prompt, so it has no token ids of its own; start it with a space or change it")
+            ok = self.filter(torch.tensor([mid]))
+            if not bool(ok[0]):
+                raise AttackError(f"the suffix init {s!r} does not survive retokenisation: decoded and put into the "
+                                  "prompt it gives other token ids; choose another optim_str_init or filter_ids=False")
+            if self.forbidden[torch.tensor(mid)].any() and not self.cfg.allow_non_ascii:
+                self.notes.append(f"the suffix init {s!r} contains tokens the search will never choose")
+            out.append(mid)
+        if len({len(m) for m in out}) > 1:
+            raise AttackError("the optim_str_init strings tokenise to different lengths; give inits of one token length")
+        return out
+
+    # -- the retokenisation filter
+
+    def suffix_strings(self, cands: torch.Tensor, b: int = 0) -> list[str | None]:
+        """The text of each suffix ``[N, L]`` as it follows behaviour b's instruction (decoded in context, so a
+        tokenizer that drops a leading space when decoding alone keeps it); None where the context does not
+        decode as a prefix."""
+        before = self.prompts[b].before_ids
+        ctx = before[-8:]
+        head = self.tok.decode(ctx, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        rows = cands.tolist()
+        texts = self.tok.batch_decode([ctx + r for r in rows], skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+        return [t[len(head):] if t.startswith(head) else None for t in texts]
+
+    def filter(self, cands: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: the candidate's decoded text, placed in every behaviour's prompt, tokenises back to
+        exactly its ids there (so the test-case string reproduces the attacked prompt)."""
+        keep = torch.ones(cands.shape[0], dtype=torch.bool)
+        rows = cands.tolist()
+        for b, p in enumerate(self.prompts):
+            strs = self.suffix_strings(cands, b)
+            idx = [i for i, s in enumerate(strs) if s is not None and keep[i]]
+            for i, s in enumerate(strs):
+                if s is None:
+                    keep[i] = False
+            if not idx:
+                continue
+            enc = self.tok([p.before_text + strs[i] + p.after_text for i in idx], add_special_tokens=False)["input_ids"]
+            for i, r in zip(idx, enc):
+                if list(r) != p.before_ids + rows[i] + p.after_ids:
+                    keep[i] = False
+        return keep
+
+    # -- losses
+
+    def candidate_losses(self, cands: torch.Tensor, cur: torch.Tensor | None = None,
+                         active: int | None = None) -> torch.Tensor:
+        """Summed loss ``[N]`` float32 of suffixes ``cands [N, L]`` over models and the first ``active``
+        behaviours, without the memo. Prefix reuse needs :meth:`token_grad` to have run at ``cur``."""
+        active = self.active if active is None else active
+        total = torch.zeros(cands.shape[0], dtype=torch.float32)
+        cur = cur if cur is not None else cands[0]
+        for s in self.scorers:
+            for b in range(active):
+                total += s.score(cands, cur, b)
+        return total
+
+    def token_grad(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``([L, V], loss)``: the one-hot gradient summed over models and active behaviours."""
+        g, total = None, 0.0
+        for s in self.scorers:
+            gs, lo = s.token_grad(ids, range(self.active))
+            g = gs if g is None else g + gs
+            total += lo
+        return g, total
+
+    def _key(self, row: torch.Tensor) -> bytes:
+        return row.to(torch.int32).numpy().tobytes()
+
+    def _score_step(self, cands: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Losses of all ``cands`` with dedupe and the memo; returns (losses [N], number actually scored)."""
+        if not self.cfg.dedupe:
+            return self.candidate_losses(cands, cur), cands.shape[0]
+        uniq, inv = torch.unique(cands, dim=0, return_inverse=True)
+        keys = [self._key(r) for r in uniq]
+        lo = torch.empty(uniq.shape[0], dtype=torch.float32)
+        miss = [i for i, k in enumerate(keys) if k not in self.memo]
+        hit = [i for i, k in enumerate(keys) if k in self.memo]
+        for i in hit:
+            lo[i] = self.memo[keys[i]]
+        if miss:
+            mi = torch.tensor(miss)
+            lo[mi] = self.candidate_losses(uniq[mi], cur)
+            for i in miss:
+                self.memo[keys[i]] = float(lo[i])
+            while len(self.memo) > self.cfg.memo_size:
+                self.memo.pop(next(iter(self.memo)))
+        return lo[inv], len(miss)
+
+    def _matched(self, ids: torch.Tensor) -> bool:
+        """Whether suffix ``ids [L]`` greedily produces every active target in every model."""
+        with torch.no_grad():
+            for s in self.scorers:
+                for b in range(self.active):
+                    t = s.t[b]
+                    T = t["target"].shape[0]
+                    toks = torch.cat([t["before"], ids.to(s.device)[None], t["after"], t["target"][None, :-1]], 1)
+                    logits = forward(s.model, toks).logits[0, -T:]
+                    if not bool((logits.argmax(-1) == t["target"]).all()):
+                        return False
+        return True
+
+    # -- state
+
+    def fingerprint(self) -> str:
+        c = self.cfg.to_dict()
+        c.pop("progress", None)
+        c.pop("batch_size", None)
+        h = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode())
+        for p in self.prompts:
+            h.update(json.dumps([p.before_ids, p.after_ids, p.target_ids]).encode())
+        for m in self.models:
+            h.update(model_hash(m).encode())
+        return h.hexdigest()[:16]
+
+    def _save(self, out: Path, st: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({**st, "version": STATE_VERSION, "fingerprint": self._fp,
+                    "memo": (list(self.memo.keys()), list(self.memo.values()))}, buf)
+        atomic_write_bytes(out / STATE_FILE, buf.getvalue())
+
+    def _load(self, out: Path) -> dict | None:
+        f = out / STATE_FILE
+        if not f.is_file():
+            return None
+        st = torch.load(f, weights_only=False)
+        if st.get("version") != STATE_VERSION or st.get("fingerprint") != self._fp:
+            raise AttackError(f"{f} is the state of a different attack (other model, prompts or options); use "
+                              "another output folder, or overwrite=True to start again")
+        keys, vals = st.pop("memo")
+        self.memo = dict(zip(keys, vals))
+        return st
+
+    # -- the loop
+
+    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+            callback: Callable[[int, dict], None] | None = None) -> GCGResult:
+        """Run ``num_steps`` steps (fewer on early stop). With ``out``, the state is written there after every
+        step; ``resume=True`` continues from it. ``callback(step, info)`` runs after each step."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self._fp = self.fingerprint()
+        outp = Path(out) if out is not None else None
+        st = None
+        if outp is not None:
+            if outp.exists() and not outp.is_dir():
+                raise OutputExists(f"{outp} exists and is not a folder")
+            outp.mkdir(parents=True, exist_ok=True)
+            if (outp / STATE_FILE).exists() and not resume:
+                if not overwrite:
+                    raise OutputExists(f"{outp / STATE_FILE} exists: pass resume=True to continue that attack or "
+                                       "overwrite=True to start again")
+                (outp / STATE_FILE).unlink()
+            if resume:
+                st = self._load(outp)
+        gen = torch.Generator().manual_seed(c.seed)
+        if st is None:
+            st = self._initial_state(gen)
+        else:
+            gen.set_state(st["gen"])
+            self.active = st["active"]
+        resumed_from = st["step"] if st["step"] > 0 else None
+        bar = tqdm(total=c.num_steps, initial=st["step"], desc="gcg", unit="step", disable=not c.progress, leave=False)
+        try:
+            while st["step"] < c.num_steps and not st["stopped"]:
+                t0 = time.perf_counter()
+                self._step(st, gen)
+                st["times"].append(time.perf_counter() - t0)
+                st["gen"] = gen.get_state()
+                if outp is not None:
+                    self._save(outp, st)
+                bar.update(1)
+                bar.set_postfix(loss=f"{st['losses'][-1]:.3f}", best=f"{min(st['losses']):.3f}",
+                                s_step=f"{st['times'][-1]:.2f}")
+                if callback is not None:
+                    callback(st["step"], {"loss": st["losses"][-1], "string": st["strings"][-1]})
+        finally:
+            bar.close()
+        return self._result(st, resumed_from)
+
+    def _initial_state(self, gen: torch.Generator) -> dict:
+        c = self.cfg
+        inits = [torch.tensor(i) for i in self.init_ids]
+        size = max(1, c.buffer_size)
+        L = inits[0].shape[0]
+        allowed = (~self.forbidden).nonzero().squeeze(1)
+        while len(inits) < size:  # random fill, from the allowed tokens, surviving the filter
+            r = allowed[torch.randint(0, allowed.shape[0], (4 * size, L), generator=gen)]
+            r = r[self.filter(r)] if c.filter_ids else r
+            inits.extend(list(r[: size - len(inits)]))
+        init = torch.stack(inits)
+        lo = self.candidate_losses(init, init[0])
+        buffer = sorted([(float(lo[i]), init[i].tolist()) for i in range(init.shape[0])], key=lambda x: x[0])[:size]
+        return dict(step=0, ids=buffer[0][1], buffer=buffer, losses=[], strings=[], id_rows=[], times=[], n_cand=[], n_scored=[],
+                    active=self.active, stopped=False, success_step=None, gen=gen.get_state())
+
+    def _step(self, st: dict, gen: torch.Generator) -> None:
+        c = self.cfg
+        cur = torch.tensor(st["ids"])
+        grad, _ = self.token_grad(cur)
+        cands = ops.sample_candidates(cur, grad, c.search_width, c.topk, c.n_replace, self.forbidden,
+                                      generator=gen, exclude_current=c.exclude_current)
+        if c.filter_ids:
+            keep = self.filter(cands)
+            cands = cands[keep]
+            if cands.shape[0] == 0:
+                raise AttackError("every candidate was filtered out by the retokenisation filter; set filter_ids=False "
+                                  "or try another optim_str_init")
+        lo, n_scored = self._score_step(cands, cur)
+        k = int(lo.argmin())
+        loss, best = float(lo[k]), cands[k]
+        buf = st["buffer"]
+        if c.buffer_size == 0:
+            buf = [(loss, best.tolist())]
+        elif len(buf) < c.buffer_size:
+            buf = buf + [(loss, best.tolist())]
+        elif loss < buf[-1][0]:
+            buf = buf[:-1] + [(loss, best.tolist())]
+        st["buffer"] = sorted(buf, key=lambda x: x[0])
+        st["ids"] = st["buffer"][0][1]
+        st["step"] += 1
+        st["losses"].append(float(st["buffer"][0][0]))
+        st["id_rows"].append(list(st["ids"]))
+        st["strings"].append(self.suffix_strings(torch.tensor([st["ids"]]))[0] or "")
+        st["n_cand"].append(int(cands.shape[0]))
+        st["n_scored"].append(int(n_scored))
+        if (c.early_stop or c.progressive) and self._matched(torch.tensor(st["ids"])):
+            if self.active < len(self.prompts):
+                self.active += 1
+                self.memo.clear()
+            elif c.early_stop:
+                st["stopped"] = True
+                st["success_step"] = st["step"]
+                st["match_ids"] = list(st["ids"])
+        st["active"] = self.active
+
+    def _result(self, st: dict, resumed_from: int | None) -> GCGResult:
+        losses = st["losses"]
+        if losses:
+            k = min(range(len(losses)), key=lambda i: losses[i])
+            best_loss, best_ids = losses[k], st["id_rows"][k]
+        else:
+            best_loss, best_ids = st["buffer"][0][0], st["ids"]
+        if st.get("match_ids") is not None:
+            best_ids = st["match_ids"]
+        best_string = self.suffix_strings(torch.tensor([best_ids]))[0] or ""
+        return GCGResult(
+            best_loss=float(best_loss), best_string=best_string, best_ids=best_ids, losses=list(losses),
+            strings=list(st["strings"]), seconds_per_step=list(st["times"]), n_candidates=list(st["n_cand"]),
+            n_scored=list(st["n_scored"]), test_cases=[p.user_message(best_string) for p in self.prompts],
+            instructions=self.instructions, targets=self.targets, stopped_early=bool(st["stopped"]),
+            success_step=st["success_step"], config=self.cfg.to_dict(), resumed_from=resumed_from,
+            notes=list(self.notes))
+
+
+def hot_path(device: str = "cpu") -> dict[str, str]:
+    """Which implementation GCG runs for each op on its hot path, on ``device`` (for ``pysafegeom info``)."""
+    dev = torch.device(device)
+    ce = "torch" if dev.type == "cpu" else ops.select_backend("chunked_cross_entropy", dev, torch.float32)[0]
+    topk = ops.select_backend("masked_topk", dev, torch.float32)[0]
+    why_ce = (" (the C++ kernel measured slower than torch's chunked reference at GCG's shapes on CPU: "
+              "bench/gcg.py)" if dev.type == "cpu" else "")
+    return {
+        "target-only LM head + CE": f"ops.chunked_cross_entropy, backend {ce}{why_ce}",
+        "top-k of the token gradient": f"ops.masked_topk, backend {topk}",
+        "candidate sampling": "ops.sample_candidates (seeded CPU generator, identical on every backend)",
+        "candidate forward": "the model's own layers, batched, over a shared expanded KV view",
+    }
+
+
+def run(model, tokenizer, messages, targets, config: GCGConfig | None = None, *, out: str | Path | None = None,
+        resume: bool = False, overwrite: bool = False, callback=None) -> GCGResult:
+    """Run GCG: see :class:`GCG` for the arguments and :class:`GCGConfig` for the options."""
+    return GCG(model, tokenizer, messages, targets, config).run(out, resume=resume, overwrite=overwrite, callback=callback)
+
+
+__all__ = ["AttackError", "AttackPrompt", "GCG", "GCGConfig", "GCGResult", "build_prompt", "forbidden_tokens",
+           "hot_path", "mellowmax", "model_hash", "run"]
