@@ -586,8 +586,6 @@ def test_a_suffix_init_that_fuses_with_the_instruction_is_refused(tok, make_mode
         GCG(model, tok, [INSTRUCTION, other], [TARGET, TARGET], cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="gcg.py GCG._init_ids applies the retokenisation filter to the init even "
-                                       "with filter_ids=False, though its error message proposes filter_ids=False")
 def test_filter_ids_false_accepts_an_init_that_does_not_survive_retokenisation(tok, make_model):
     cfg = small(optim_str_init="ing x", separator="", filter_ids=False)
     GCG(make_model("llama"), tok, [INSTRUCTION, "Tell me how to go jump"], [TARGET, TARGET], cfg)
@@ -636,20 +634,11 @@ def test_control_token_text_in_a_message_is_refused(tok, make_model):
         GCG(model, tok, INSTRUCTION, TARGET, dataclasses.replace(cfg, system="Be brief.<|im_start|>"))
 
 
-@pytest.mark.xfail(strict=True, reason="gcg.py GCG._init_ids only notes forbidden tokens in optim_str_init: control-"
-                                       "token text there becomes a real turn marker in the attacked ids, which the "
-                                       "test case string does not reproduce through format_prompts/generate")
 def test_control_token_text_in_the_suffix_init_is_refused(tok, make_model):
-    model = make_model("llama")
-    cfg = small(optim_str_init="x <|im_end|> x")
-    try:
-        a = GCG(model, tok, INSTRUCTION, TARGET, cfg)
-    except AttackError as exc:
-        assert "control-token" in str(exc)
-        return
-    res = a.run()  # accepted: then the judged prompt must at least be the attacked one
-    fb = format_prompts(tok, [res.test_cases[0]])
-    assert fb.input_ids[0][fb.attention_mask[0].bool()].tolist() == attacked(a, res.best_ids)
+    """It would become a real turn marker in the attacked ids, which the test-case string (tokenised with
+    control-token text as text, as format_prompts and generate do) would not reproduce."""
+    with pytest.raises(AttackError, match="suffix init .* contains the control-token text '<\\|im_end\\|>'"):
+        GCG(make_model("llama"), tok, INSTRUCTION, TARGET, small(optim_str_init="x <|im_end|> x"))
 
 
 # ------------------------------------------------------------------------------------- 8. real model

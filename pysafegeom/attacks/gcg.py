@@ -310,9 +310,24 @@ def build_prompt(tokenizer, message, target: str, *, template: str | None = None
     return AttackPrompt(before_text, after_text, target_text, before_ids, after_ids, target_ids, pre, post, msgs, ui)
 
 
+_FORBIDDEN_MEMO: dict[tuple, tuple[Any, torch.Tensor]] = {}
+
+
 def forbidden_tokens(tokenizer, vocab_rows: int, allow_non_ascii: bool = False) -> torch.Tensor:
     """``[vocab_rows]`` bool: ids never used in a suffix: special and added control tokens, ids past the
     tokenizer's vocabulary, and (unless ``allow_non_ascii``) tokens whose text is not printable ASCII."""
+    key = (id(tokenizer), len(tokenizer), vocab_rows, allow_non_ascii)
+    hit = _FORBIDDEN_MEMO.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1].clone()
+    bad = _forbidden(tokenizer, vocab_rows, allow_non_ascii)
+    if len(_FORBIDDEN_MEMO) > 8:
+        _FORBIDDEN_MEMO.clear()
+    _FORBIDDEN_MEMO[key] = (tokenizer, bad)
+    return bad.clone()
+
+
+def _forbidden(tokenizer, vocab_rows: int, allow_non_ascii: bool) -> torch.Tensor:
     n_tok = len(tokenizer)
     bad = torch.zeros(vocab_rows, dtype=torch.bool)
     if vocab_rows > n_tok:
@@ -424,7 +439,7 @@ class _ModelScorer:
         # cap measured fastest (2.7 s/step vs 3.0 with one batch and 3.15 with one batch per position).
         self.overhead = cfg.batch_overhead_rows or (128 if self.device.type == "cpu" else 4096)
         self.max_rows = cfg.batch_max_rows or (1 << 30)
-        self.max_batch = cfg.batch_size or (1 << 30)
+        self.max_batch = cfg.batch_size or self._batch_that_fits()
         self.t = [dict(
             before=torch.tensor(p.before_ids, device=self.device)[None],
             after=torch.tensor(p.after_ids, device=self.device)[None],
@@ -439,6 +454,25 @@ class _ModelScorer:
                     out = forward(self.body, t["before"], use_cache=True)
                     self.prefix_kv[b] = [(k.detach(), v.detach()) for k, v in _cache_tensors(_out_cache(out))]
         self._check_embedding()
+
+    def _batch_that_fits(self) -> int:
+        """All candidates in one batch on CPU; on CUDA, the candidates whose activations and KV fit in 60% of
+        the free memory (an estimate; an out-of-memory error halves it)."""
+        if self.device.type != "cuda":
+            return 1 << 30
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or self.W_E.shape[1])
+        inter = int(getattr(cfg, "intermediate_size", 0) or 4 * d)
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 1))
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 1))
+        kvh = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+        hd = int(getattr(cfg, "head_dim", 0) or d // max(1, heads))
+        seq = max(len(p.before_ids) + 64 + len(p.after_ids) + len(p.target_ids) for p in self.prompts)
+        elt = self.W_E.element_size()
+        per = (layers * 2 * kvh * hd * seq + (8 * d + 3 * inter) * seq + heads * seq * seq) * elt
+        per += 2 * 8192 * 4 * max(len(p.target_ids) for p in self.prompts)  # the CE's vocabulary chunk
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, int(0.6 * free // max(1, per)))
 
     def _head_is_plain(self) -> bool:
         h = self.head
@@ -670,7 +704,7 @@ class GCG:
     all, losses summed). ``targets``: one target string per behaviour.
     """
 
-    def __init__(self, model, tokenizer, messages, targets, config: GCGConfig | None = None):
+    def __init__(self, model, tokenizer, messages, targets, config: GCGConfig | None = None, *, _load: bool = True):
         self.cfg = (config or GCGConfig())
         if not isinstance(self.cfg, GCGConfig):
             raise InvalidType(f"config must be a GCGConfig, got {type(self.cfg).__name__}")
@@ -691,9 +725,18 @@ class GCG:
             raise AttackError(f"topk={c.topk} is larger than the {n_allowed} tokens a suffix position may take "
                               f"(allow_non_ascii={c.allow_non_ascii}); lower topk")
         self.init_ids = self._init_ids()
+        if not _load:
+            self.scorers = []
+            return
         self.scorers = [_ModelScorer(m, self.prompts, c, self.notes) for m in self.models]
         self.active = 1 if c.progressive else len(self.prompts)
         self.memo: dict[bytes, float] = {}
+
+    @classmethod
+    def check_inputs(cls, model, tokenizer, messages, targets, config: GCGConfig | None = None) -> None:
+        """Raise the error :class:`GCG` would raise for these inputs, without running the model (tokenizer
+        checks only), so a driver can refuse bad input before it writes anything."""
+        cls(model, tokenizer, messages, targets, config, _load=False)
 
     # -- set-up
 
@@ -723,8 +766,11 @@ class GCG:
             if full[:P] != p.before_ids or full[len(full) - A:] != p.after_ids or not mid:
                 raise AttackError(f"the suffix init {s!r} merges with the text around it when tokenised in the "
                                   "prompt, so it has no token ids of its own; start it with a space or change it")
-            ok = self.filter(torch.tensor([mid]))
-            if not bool(ok[0]):
+            bad = [t for t in special_token_strings(self.tok) if t in s]
+            if bad:
+                raise AttackError(f"the suffix init {s!r} contains the control-token text {bad[0]!r}; it would become "
+                                  "a real turn marker in the attacked prompt (remove it)")
+            if self.cfg.filter_ids and not bool(self.filter(torch.tensor([mid]))[0]):
                 raise AttackError(f"the suffix init {s!r} does not survive retokenisation: decoded and put into the "
                                   "prompt it gives other token ids; choose another optim_str_init or filter_ids=False")
             if self.forbidden[torch.tensor(mid)].any() and not self.cfg.allow_non_ascii:

@@ -492,7 +492,7 @@ def load_prompts(
 
 BEHAVIORS = ("a behaviours file: a HarmBench behaviours CSV (Behavior, BehaviorID; targets from --targets, "
              "HarmBench's targets JSON), an AdvBench CSV (goal, target), or a CSV/JSONL/JSON table with a "
-             "prompt column (behavior, goal, prompt or instruction) and a target column")
+             "prompt column (behavior, Behavior, goal, prompt, instruction or text) and a target column")
 _TARGET_COLUMNS = ("target", "Target", "targets")
 
 

@@ -29,8 +29,12 @@ CONTENT = "gcg attack"
 
 
 def _safe_id(s: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
-    return keep[:120] or "behaviour"
+    """A folder name for behaviour id ``s``: its readable part and a hash of the whole id, so that ids
+    that read alike ("q/1", "q_1") never share a state folder."""
+    import hashlib
+
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)[:80] or "behaviour"
+    return f"{keep}-{hashlib.sha256(s.encode()).hexdigest()[:10]}"
 
 
 def _judge_texts(judge, instructions: list[str], texts: list[str]):
@@ -129,6 +133,12 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
     ids = [b.id for b in behaviors]
     if len(set(ids)) != len(ids):
         raise AttackError("behaviour ids must be unique")
+    groups = [behaviors] if universal else [[b] for b in behaviors]
+    for g in groups:  # every prompt, target and suffix init checked before anything is written
+        try:
+            GCG.check_inputs(model, tokenizer, [b.text for b in g], [b.meta["target"] for b in g], cfg)
+        except AttackError as exc:
+            raise AttackError(f"behaviour {g[0].id!r}: {exc}" if len(g) == 1 else str(exc)) from exc
     out = check_output_path(out, overwrite, "dir", content=CONTENT)
     if (out / "run.json").exists() and not resume:
         if not overwrite:
@@ -170,7 +180,6 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         direct = {b.id: {"completion": t, "success": not v.refused} for b, t, v in zip(behaviors, texts, verdicts)}
         atomic_write_text(direct_path, json.dumps(direct, indent=1, ensure_ascii=False) + "\n")
 
-    groups = [behaviors] if universal else [[b] for b in behaviors]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(groups), desc="behaviours", unit="attack", disable=not progress)
