@@ -174,6 +174,7 @@ def test_attack_behaviors_writes_harmbench_test_cases_logs_and_records(model, to
         assert tok(r["prompt"], add_special_tokens=False)["input_ids"] == ids
         fb = format_prompts(tok, [r["test_case"]])  # what the judged generation formats: the attacked ids
         assert fb.input_ids[0][fb.attention_mask[0].bool()].tolist() == ids
+        assert r["judged_prompt_is_attacked_prompt"] is True
         assert r["completion"] and r["completion"] == greedy_by_hand(model, tok, ids, NEW)
         direct_ids = format_prompts(tok, [b.text]).input_ids[0].tolist()
         assert r["direct_completion"] == greedy_by_hand(model, tok, direct_ids, NEW)

@@ -196,7 +196,11 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         tcs = res.test_cases
         texts = _generate(model, tokenizer, tcs, cfg, max_new_tokens)
         verdicts = _judge_texts(judge, [b.text for b in g], texts)
+        from ..prompts import format_prompts
+
         for b, tc, text, v, p in zip(g, tcs, texts, verdicts, attack.prompts):
+            fb = format_prompts(tokenizer, [tc], template=cfg.template, system=cfg.system)
+            judged_ids = fb.input_ids[0][fb.attention_mask[0].bool()].tolist()
             records.append({
                 "id": b.id, "method": "gcg", "source_model": source, "source_model_hash": mhash,
                 "config": cfg.to_dict(), "instruction": b.text, "target": b.meta["target"], "suffix": res.best_string,
@@ -205,6 +209,7 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
                 "stopped_early": res.stopped_early, "judge": run_info["judge"], "success": not v.refused,
                 "judge_rule": v.rule, "completion": text, "direct_success": direct[b.id]["success"],
                 "direct_completion": direct[b.id]["completion"], "category": b.category, "universal": universal,
+                "judged_prompt_is_attacked_prompt": judged_ids == p.before_ids + res.best_ids + p.after_ids,
             })
         cases.write_all(out, records)
         summary = summarize(records)
