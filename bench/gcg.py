@@ -77,7 +77,7 @@ def _worker(spec: dict) -> dict:
         return {"candidates": c.tolist(), "before_ids": p.before_ids, "after_ids": p.after_ids,
                 "target_ids": p.target_ids, "init_ids": a.init_ids[0]}
     res = a.run()
-    out.update(seconds_per_step=res.seconds_per_step, losses=res.losses, n_scored=res.n_scored,
+    out.update(seconds_per_step=res.seconds_per_step, losses=res.losses, n_scored=res.n_scored, n_rows=res.n_rows,
                n_candidates=res.n_candidates, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                rss_after_load_mb=rss_load, load_seconds=load_s, best_loss=res.best_loss,
                prompt=a.prompts[0].before_text + "{optim_str}" + a.prompts[0].after_text)
@@ -195,6 +195,8 @@ def main() -> int:
                 "setting": tag, "path": name, "s/step": f"{t:.2f}",
                 "vs nanoGCG": f"{t / t_n:.2f}x" if t_n == t_n else "n/a",
                 "ours vs this": f"{t_o / t:.2f}x",
+                "rows/step": (f"{statistics.median(r['n_rows']):.0f}" if r.get("n_rows") else
+                              f"~{r['n_candidates'][0] * (20 + 5 + 12) if r.get('n_candidates') else 0}"),
                 "peak RSS MB": f"{r['peak_rss_mb']:.0f}",
                 "RSS vs nanoGCG": (f"{r['peak_rss_mb'] / r_nano['peak_rss_mb']:.2f}x" if r_nano and "error" not in r_nano else "n/a"),
                 "losses": " ".join(f"{x:.3f}" for x in r["losses"]),
@@ -234,7 +236,7 @@ def main() -> int:
 
     print(f"\nGCG on SmolLM2-135M-Instruct fp32, {args.threads} threads, top-k {args.topk}, 20-token suffix, "
           f"{args.steps} steps (s/step: median of steps 2..{args.steps}); {machine_line('cpu')}")
-    print(markdown_table(rows, ["setting", "path", "s/step", "vs nanoGCG", "ours vs this", "peak RSS MB",
+    print(markdown_table(rows, ["setting", "path", "s/step", "vs nanoGCG", "ours vs this", "rows/step", "peak RSS MB",
                                 "RSS vs nanoGCG", "losses"]))
     print(f"\nidentical candidate set ({len(cands)} candidates, losses {min(lo_ref):.3f}..{max(lo_ref):.3f}), largest "
           "loss difference: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

@@ -179,7 +179,8 @@ class GCGResult:
     ``best_loss``/``best_string``/``best_ids``: the lowest per-step loss and its suffix (text as it follows
     the instruction, ids ``[L]``). ``losses``/``strings``: per step, the step's best candidate loss and the
     suffix after the step. ``seconds_per_step``, ``n_candidates`` (after the filter) and ``n_scored``
-    (after dedupe and the memo) per step. ``test_cases``: for each behaviour, the user message
+    (after dedupe and the memo) per step, and ``n_rows``, the candidate tokens run through the model per step
+(the scoring's compute). ``test_cases``: for each behaviour, the user message
     (instruction + best suffix), the HarmBench test-case string. ``stopped_early``: the target was matched
     greedily (``success_step`` is then that step). ``config``: the options used.
     """
@@ -192,6 +193,7 @@ class GCGResult:
     seconds_per_step: list[float]
     n_candidates: list[int]
     n_scored: list[int]
+    n_rows: list[int]
     test_cases: list[str]
     instructions: list[str]
     targets: list[str]
@@ -471,6 +473,7 @@ class _ModelScorer:
         self.prefix_kv: list = [None] * len(prompts)
         self.step_kv: list = [None] * len(prompts)
         self.step_ids: torch.Tensor | None = None
+        self.rows_fed = 0  # candidate tokens run through the model (the scoring's compute, in rows)
         if cfg.use_prefix_cache:
             with torch.no_grad():
                 for b, t in enumerate(self.t):
@@ -662,6 +665,7 @@ class _ModelScorer:
                 todo[:0] = [(s, s + n // 2), (s + n // 2, e)]
                 continue
             losses[idx.cpu()] = lo.float().cpu()
+            self.rows_fed += int(toks.numel()) + (0 if self.cfg.use_prefix_cache else n * P)
             del out
         return losses
 
@@ -1002,7 +1006,9 @@ class GCG:
             if cands.shape[0] == 0:
                 raise AttackError("every candidate was filtered out by the retokenisation filter; set filter_ids=False "
                                   "or try another optim_str_init")
+        rows0 = sum(s.rows_fed for s in self.scorers)
         lo, n_scored = self._score_step(cands, cur)
+        st.setdefault("n_rows", []).append(sum(s.rows_fed for s in self.scorers) - rows0)
         k = int(lo.argmin())
         loss, best = float(lo[k]), cands[k]
         buf = st["buffer"]
@@ -1043,7 +1049,7 @@ class GCG:
         return GCGResult(
             best_loss=float(best_loss), best_string=best_string, best_ids=best_ids, losses=list(losses),
             strings=list(st["strings"]), seconds_per_step=list(st["times"]), n_candidates=list(st["n_cand"]),
-            n_scored=list(st["n_scored"]), test_cases=[p.user_message(best_string) for p in self.prompts],
+            n_scored=list(st["n_scored"]), n_rows=list(st.get("n_rows", [])), test_cases=[p.user_message(best_string) for p in self.prompts],
             instructions=self.instructions, targets=self.targets, stopped_early=bool(st["stopped"]),
             success_step=st["success_step"], config=self.cfg.to_dict(), resumed_from=resumed_from,
             notes=list(self.notes))
