@@ -24,6 +24,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "harmbench"
 
 
+def report(out: pathlib.Path) -> int:
+    """A markdown table of the finished behaviours and the ASR so far (no model needed)."""
+    from pysafegeom.attacks import cases
+    from pysafegeom.pipelines.attack import summarize
+
+    recs = cases.read_records(out / "records.jsonl")
+    if not recs:
+        print("no finished behaviours yet")
+        return 1
+    print("| behaviour | steps | best loss | s/step | wall s | GCG success | direct success |")
+    print("|---|---|---|---|---|---|---|")
+    for r in recs:
+        sps = sorted(r["seconds_per_step"])[len(r["seconds_per_step"]) // 2]
+        print(f"| {r['id']} | {len(r['losses'])}{' (early stop)' if r['stopped_early'] else ''} | {r['best_loss']:.3f} | "
+              f"{sps:.1f} | {r['wall_seconds']:.0f} | {'yes' if r['success'] else 'no'} | {'yes' if r['direct_success'] else 'no'} |")
+    s = summarize(recs)
+    print(f"\n{s['n']} behaviours: GCG ASR {s['asr']:.2f} [{s['asr_ci95'][0]:.2f}, {s['asr_ci95'][1]:.2f}] vs direct "
+          f"{s['direct_asr']:.2f} [{s['direct_asr_ci95'][0]:.2f}, {s['direct_asr_ci95'][1]:.2f}] ({s['judge']} judge); "
+          f"median wall {s['median_wall_seconds']:.0f} s per behaviour; {s['stopped_early']} stopped early")
+    direct_path = out / "direct.json"
+    if direct_path.exists():
+        from pysafegeom.behaviour.diagnostics import wilson_interval
+
+        d = json.loads(direct_path.read_text())
+        k, n = sum(v["success"] for v in d.values()), len(d)
+        lo, hi = wilson_interval(k, n)
+        print(f"direct request over all {n} drawn behaviours: ASR {k / n:.2f} [{lo:.2f}, {hi:.2f}]")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20)
@@ -33,7 +63,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "gcg_anchor"))
     ap.add_argument("--model", default="smollm2-135m-safety")
+    ap.add_argument("--report", action="store_true", help="print the table of finished behaviours and exit")
     args = ap.parse_args()
+    if args.report:
+        return report(pathlib.Path(args.out))
     torch.set_num_threads(args.threads)
 
     from pysafegeom.attacks import GCGConfig
