@@ -673,3 +673,37 @@ def test_smollm2_attack_keeps_its_markers_and_fast_scoring_equals_the_reference(
     ref = ref.candidate_losses(cands, cur)
     assert ((fast - ref).abs() <= 1e-4 * ref.abs()).all(), (fast, ref)
     assert float(ref.max() - ref.min()) > 1e-3  # the candidates do differ: the comparison means something
+
+
+# --------------------------------------------------------------------------------- 9. out of memory
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_losses(tok, make_model, monkeypatch):
+    """A forward of more than 3 candidates raises out-of-memory (as CUDA would): the scorer halves its batch
+    until it fits, remembers the smaller size, and the losses equal those of the unbroken batch."""
+    a = GCG(make_model("llama"), tok, INSTRUCTION, TARGET, small())
+    cur = torch.tensor(a.init_ids[0])
+    grad = a.token_grad(cur)[0]
+    cands = ops.sample_candidates(cur, grad, 12, 8, 1, a.forbidden, seed=5)
+    want = a.candidate_losses(cands, cur)
+    real = gcg.forward
+    sizes = []
+
+    def tight(net, ids=None, *args, **kw):
+        x = ids if ids is not None else kw.get("inputs_embeds")
+        sizes.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(net, ids, *args, **kw)
+
+    monkeypatch.setattr(gcg, "forward", tight)
+    got = a.candidate_losses(cands, cur)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert max(sizes) > 3 and a.scorers[0].max_batch <= 3
+    assert sum(s for s in sizes if s <= 3) == cands.shape[0]  # every candidate scored once, in batches that fit
+
+    def broken(net, ids=None, *args, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gcg, "forward", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # other errors are not swallowed
+        a.candidate_losses(cands, cur)
