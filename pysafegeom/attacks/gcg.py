@@ -90,7 +90,14 @@ class GCGConfig:
     the instruction and the suffix (" "), ``add_space_before_target``, ``template``/``system`` as in
     :func:`pysafegeom.prompts.format_prompts`. ``seed`` seeds the attack's only generator.
     Universal mode: ``progressive`` adds behaviours one at a time, the next once the suffix succeeds on all
-    current ones (HarmBench's progressive prompts). Exact speed-ups: see the module docstring.
+    current ones (HarmBench's progressive prompts).
+
+    Exact speed-ups (module docstring): ``use_prefix_cache``, ``target_only_logits``, ``reuse_suffix_prefix``,
+    ``dedupe`` (with a memo of at most ``memo_size`` losses), ``exclude_current``. Batching: ``batch_size``
+    (most candidates per forward; None: all on CPU, what fits on CUDA), ``batch_overhead_rows`` (the cost of
+    one more forward, in candidate tokens; None: 64 on CPU, 4096 on CUDA), ``batch_max_rows`` (most
+    candidate tokens per forward; None: no cap). ``ce_backend`` forces the backend of the target-only CE
+    (None: the op's automatic choice). ``progress``: a tqdm bar with loss, best loss and s/step.
     """
 
     num_steps: int = 250
