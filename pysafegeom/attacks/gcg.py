@@ -991,10 +991,15 @@ class GCG:
         size = max(1, c.buffer_size)
         L = inits[0].shape[0]
         allowed = (~self.forbidden).nonzero().squeeze(1)
-        while len(inits) < size:  # random fill, from the allowed tokens, surviving the filter
+        for _ in range(50):  # random fill, from the allowed tokens, surviving the filter
+            if len(inits) >= size:
+                break
             r = allowed[torch.randint(0, allowed.shape[0], (4 * size, L), generator=gen)]
             r = r[self.filter(r)] if c.filter_ids else r
             inits.extend(list(r[: size - len(inits)]))
+        if len(inits) < size:
+            raise AttackError(f"could not fill a buffer of {size}: random suffixes of {L} tokens almost never survive "
+                              "the retokenisation filter here; give optim_str_init a list of inits or filter_ids=False")
         init = torch.stack(inits)
         lo = self.candidate_losses(init, init[0])
         buffer = sorted([(float(lo[i]), init[i].tolist()) for i in range(init.shape[0])], key=lambda x: x[0])[:size]
