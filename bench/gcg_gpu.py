@@ -80,38 +80,46 @@ def equality_on_cuda(dev: str = "cuda") -> int:
     return fails
 
 
-def step_times(quick: bool) -> None:
+def step_times(quick: bool, device: str = "cuda", dtype=torch.bfloat16, shapes=None, width: int = 512,
+               topk: int = 256) -> None:
     from pysafegeom.attacks import GCG, GCGConfig
 
-    shapes = [("SmolLM2-135M shape", 49152, 576, 30, 9, 3, 1536), ("Llama-3.2-1B shape", 128256, 2048, 16, 32, 8, 8192)]
+    shapes = shapes or [("SmolLM2-135M shape", 49152, 576, 30, 9, 3, 1536),
+                        ("Llama-3.2-1B shape", 128256, 2048, 16, 32, 8, 8192)]
     steps = 3 if quick else 5
     print(f"{'model (bf16, width 512, top-k 256)':<36} {'ours s/step':>12} {'reference s/step':>17} {'ratio':>6}")
     for name, vocab, d, layers, heads, kv, inter in shapes:
         tok = synthetic_tokenizer(vocab)
-        m = llama(vocab, d, layers, heads, kv, inter, torch.bfloat16, "cuda")
+        m = llama(vocab, d, layers, heads, kv, inter, dtype, device)
         msg = " ".join(f"w{100 + i}" for i in range(24))
         tgt = " ".join(f"w{300 + i}" for i in range(12))
         init = " ".join(f"w{i + 7}" for i in range(20))
         res = {}
         for path in ("ours", "reference"):
-            kw = dict(num_steps=steps, search_width=512, topk=256, optim_str_init=init, filter_ids=False, progress=False)
+            kw = dict(num_steps=steps, search_width=width, topk=topk, optim_str_init=init, filter_ids=False, progress=False)
             cfg = GCGConfig(**kw) if path == "ours" else GCGConfig.reference(**kw)
             a = GCG(m, tok, msg, tgt, cfg)
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             r = a.run()
             res[path] = statistics.median(r.seconds_per_step[1:])
         print(f"{name:<36} {res['ours']:12.3f} {res['reference']:17.3f} {res['ours'] / res['reference']:6.2f}")
         del m
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="run the timing code on tiny shapes on the CPU")
     ap.add_argument("--equality-on", default=None, help="run only the equality check on this device (e.g. cpu)")
     args = ap.parse_args()
     if args.equality_on:
         return 1 if equality_on_cuda(args.equality_on) else 0
+    if args.dry_run_cpu:  # the timing code on small shapes on the CPU, to check it before a GPU lease
+        step_times(True, "cpu", torch.float32, [("tiny Llama shape", 2048, 64, 2, 4, 2, 128)], width=16, topk=8)
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
