@@ -716,10 +716,9 @@ def _check_tokenizers(models: list, tokenizer) -> Any:
 def model_hash(model) -> str:
     """A short fingerprint of a model: class, config and a sample of its weights (sha256, 16 hex digits)."""
     h = hashlib.sha256(type(model).__name__.encode())
-    try:
-        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    except Exception:  # pragma: no cover
-        pass
+    config = getattr(model, "config", None)
+    if config is not None:  # a model without a config is hashed by its class and weights alone
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
             flat = p.detach().reshape(-1)

@@ -37,10 +37,6 @@ def _safe_id(s: str) -> str:
     return f"{keep}-{hashlib.sha256(s.encode()).hexdigest()[:10]}"
 
 
-def _judge_texts(judge, instructions: list[str], texts: list[str]):
-    return judge.judge(instructions, texts)
-
-
 def _generate(model, tokenizer, prompts: list[str], cfg: GCGConfig, max_new_tokens: int) -> list[str]:
     from ..generation import generate
 
@@ -176,7 +172,7 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         direct = json.loads(direct_path.read_text())
     else:
         texts = _generate(model, tokenizer, [b.text for b in behaviors], cfg, max_new_tokens)
-        verdicts = _judge_texts(judge, [b.text for b in behaviors], texts)
+        verdicts = judge.judge([b.text for b in behaviors], texts)
         direct = {b.id: {"completion": t, "success": not v.refused} for b, t, v in zip(behaviors, texts, verdicts)}
         atomic_write_text(direct_path, json.dumps(direct, indent=1, ensure_ascii=False) + "\n")
 
@@ -195,7 +191,7 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         wall = time.perf_counter() - t0 if res.resumed_from is None else float(sum(res.seconds_per_step))
         tcs = res.test_cases
         texts = _generate(model, tokenizer, tcs, cfg, max_new_tokens)
-        verdicts = _judge_texts(judge, [b.text for b in g], texts)
+        verdicts = judge.judge([b.text for b in g], texts)
         from ..prompts import format_prompts
 
         for b, tc, text, v, p in zip(g, tcs, texts, verdicts, attack.prompts):
