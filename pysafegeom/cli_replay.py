@@ -1,0 +1,157 @@
+"""Command-line handlers of ``pysafegeom attack replay`` and ``pysafegeom transfer`` (wired by :mod:`pysafegeom.cli`).
+
+``add_replay_parser(attack_subparsers)`` adds ``attack replay``; ``add_transfer_parser(subparsers)`` adds
+``transfer``. Each handler returns an exit code and prints a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+BUILTIN_JUDGES = ("substring", "xstest")
+
+
+def _types():
+    """The checked argparse types of :mod:`pysafegeom.cli` (imported late: cli imports this module)."""
+    from . import cli
+
+    return cli._POS, cli._DEVICE, cli._DTYPE
+
+
+def _list(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give one or more comma-separated items")
+    return items
+
+
+def build_judges(specs, *, model=None, tokenizer=None, device=None, dtype=None) -> list | None:
+    """Judges named by ``--judge`` specs (None: the default). Uses
+    :func:`pysafegeom.behaviour.judge_spec.judges_from_specs` where it exists, else knows ``substring`` and ``xstest``."""
+    if not specs:
+        return None
+    try:
+        from .behaviour.judge_spec import judges_from_specs
+    except ImportError:
+        judges_from_specs = None
+    if judges_from_specs is not None:
+        return judges_from_specs(specs, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    from .behaviour.judges import SubstringJudge, XSTestJudge
+    from .errors import InvalidArgument
+
+    out = []
+    for s in specs:
+        if s not in BUILTIN_JUDGES:
+            raise InvalidArgument(f"unknown judge {s!r}; choose from {', '.join(BUILTIN_JUDGES)}")
+        out.append(SubstringJudge() if s == "substring" else XSTestJudge())
+    return out
+
+
+def _needs_target(specs) -> bool:
+    try:
+        from .behaviour.judge_spec import parse_judge_spec
+    except ImportError:
+        return False
+    return any(parse_judge_spec(s).needs_model_under_test for s in specs or [])
+
+
+def _common(p, pos, dev, dt) -> None:
+    p.add_argument("--out", required=True, help="output folder (resumed when it holds an earlier run)")
+    p.add_argument("--max-new-tokens", type=pos, default=64,
+                   help="greedy tokens per answer (default 64, recorded in the summary; HarmBench uses 512)")
+    p.add_argument("--judge", action="append", default=None, metavar="SPEC",
+                   help="a judge (repeatable; the first decides): substring (default), xstest, or any spec of "
+                        "pysafegeom.behaviour.judge_spec")
+    p.add_argument("--template", default=None, help="chat template (default: the tokenizer's own; or a name or Jinja)")
+    p.add_argument("--system", default=None, help="optional system prompt")
+    p.add_argument("--batch-size", type=pos, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--device", type=dev, default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
+    p.add_argument("--no-resume", action="store_true", help="regenerate every answer, ignoring those cached in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder in --out not written by this command")
+
+
+def _print_summary(summary: dict) -> None:
+    from .attacks.replay import fmt_rate
+
+    print(f"{summary['n_test_cases']} test cases ({summary['n_unique_test_cases']} distinct, "
+          f"{summary['n_generated']} generated now) on {summary['target']['name']}; judge "
+          f"{summary['primary_judge']}, max_new_tokens={summary['max_new_tokens']}")
+    for m, r in summary["per_method"].items():
+        print(f"  {m:<24} ASR {fmt_rate(r)}")
+    print(f"  {'overall':<24} ASR {fmt_rate(summary['overall'])}")
+
+
+def cmd_replay(args) -> int:
+    """``attack replay``: replay stored test cases on one model."""
+    from .attacks.replay import replay
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
+    summary = replay(args.cases, model, tok, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
+                     template=args.template, system=args.system, batch_size=args.batch_size,
+                     target_name=args.name or None, resume=not args.no_resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    print(f"results: {args.out}/results.json, summary: {args.out}/summary.json")
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    """``transfer``: replay every source on every target and print the matrix."""
+    from pathlib import Path
+
+    from .attacks.transfer import ALL, matrix_text, transfer
+
+    if _needs_target(args.judge):
+        def judges(model, tok):
+            return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
+    else:
+        judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
+    m = transfer(args.cases, args.models, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
+                 template=args.template, system=args.system, batch_size=args.batch_size, resume=not args.no_resume,
+                 overwrite=args.overwrite, device=args.device, dtype=args.dtype)
+    for meth in [*m["methods"], ALL]:
+        print(f"\n{'all methods' if meth == ALL else meth}:")
+        print(matrix_text(m, meth))
+    print(f"\nreport: {Path(args.out) / 'transfer.html'}; numbers: {Path(args.out) / 'matrix.json'}")
+    return 0
+
+
+def add_replay_parser(attack_subparsers) -> argparse.ArgumentParser:
+    """Add ``replay`` to the subparsers of ``attack``; returns its parser."""
+    pos, dev, dt = _types()
+    p = attack_subparsers.add_parser(
+        "replay", help="replay stored test cases on a model and judge the answers",
+        description="Fixed-source replay: greedy answers of --model to every test case in --cases (a test-case "
+                    "store, a folder an attack wrote, a HarmBench test_cases.json or a JailbreakBench artifact; "
+                    "several separated by commas), judged. Writes completions.json and results.json (HarmBench "
+                    "layouts) and summary.json (ASR with 95% Wilson intervals per method and source model).",
+        epilog="example: pysafegeom attack replay --cases bench/gcg_anchor --model smollm2-135m-instruct --out runs/replay")
+    p.add_argument("--cases", required=True, type=_list, help="test-case folders or files, comma-separated")
+    p.add_argument("--model", required=True, help="target model: folder, .gguf file or registered name")
+    p.add_argument("--name", default=None, help="the target's name in the outputs (default: its folder name)")
+    _common(p, pos, dev, dt)
+    p.set_defaults(func=cmd_replay)
+    return p
+
+
+def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``transfer`` to the top-level subparsers; returns its parser."""
+    pos, dev, dt = _types()
+    p = subparsers.add_parser(
+        "transfer", help="replay every source's test cases on every target model: the transfer matrix",
+        description="ASR(source -> target) with 95% Wilson intervals for every pair of a test-case source (the "
+                    "model an attack ran against; direct requests are a row of their own) and a target model, per "
+                    "method and over all. Targets load one at a time. Writes replay/<target>/ (resumable), "
+                    "matrix.json and transfer.html (heat maps).",
+        epilog="example: pysafegeom transfer --cases runs/gcg_a,runs/autodan_a --models model_a,model_b --out runs/transfer")
+    p.add_argument("--cases", required=True, type=_list, help="test-case folders or files, comma-separated")
+    p.add_argument("--models", required=True, type=_list, help="target models (folders, .gguf files, registered "
+                   "names), comma-separated")
+    _common(p, pos, dev, dt)
+    p.set_defaults(func=cmd_transfer)
+    return p
+
+
+__all__ = ["add_replay_parser", "add_transfer_parser", "build_judges", "cmd_replay", "cmd_transfer"]
