@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from pysafegeom import generation
-from pysafegeom.attacks import replay as R
 from pysafegeom.attacks.replay import ReplayError, replay
 from pysafegeom.attacks.store import TestCaseStore, direct_records, template_records
 from pysafegeom.attacks.transfer import matrix_text, transfer

@@ -35,7 +35,6 @@ import os
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from .. import _io
 from ..errors import InvalidArgument, MissingFile
@@ -353,7 +352,9 @@ class TestCaseStore:
         if isinstance(manifest, dict) and manifest.get("records_sha256") == digest:
             return
         try:
-            with _locked(self.path):
+            with _locked(self.path):  # re-read under the lock: a writer may have finished meanwhile
+                self._records = self._load()
+                digest = _digest(f.read_text(encoding="utf-8")) if f.is_file() else _digest("")
                 self._write_derived(self._records, digest)
         except OSError:  # a read-only copy: the API derives everything from records.jsonl anyway
             pass
