@@ -273,3 +273,22 @@ def test_cli_bad_options():
         _parser().parse_args(["attack", "replay", "--cases", "x", "--model", "m", "--out", "o", "--max-new-tokens", "0"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["transfer", "--cases", ",", "--models", "a", "--out", "o"])
+
+
+def test_an_import_without_behaviour_texts_is_judged_on_its_test_cases(planted, cases, tmp_path):
+    from pysafegeom.attacks.store import open_cases, write_harmbench
+
+    tok, model, _, _, _, _ = planted
+    write_harmbench(cases.select("template:trigger"), tmp_path / "hb")
+    seen = []
+
+    class Recording(PrefixJudge):
+        def judge(self, prompts, responses):
+            seen.extend(prompts)
+            return super().judge(prompts, responses)
+
+    s = replay(open_cases(tmp_path / "hb", method="trigger"), model, tok, out=tmp_path / "r", judges=[Recording()],
+               max_new_tokens=NEW, progress=False)
+    assert seen == [r["test_case"] for r in cases.select("template:trigger")]
+    assert s["per_method"]["trigger"]["n"] == 6 and s["per_source"]["unknown"]["asr"] >= 0.8
+    assert len(open_cases(cases.path, method="direct")) == 6
