@@ -208,6 +208,149 @@ def stages_folder(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.stages"
 
 
+# --- judges and attack test cases for the reopen table ---------------------------------------------
+
+def _parse_judges(judges):
+    """``judges`` with every spec string parsed (a :class:`JudgeSpec`); judge objects pass through; None stays None."""
+    if judges is None:
+        return None
+    from ..behaviour.judge_spec import JudgeSpec, parse_judge_spec
+
+    if isinstance(judges, (str, JudgeSpec)):
+        judges = [judges]
+    if not hasattr(judges, "__iter__"):
+        raise InvalidType(f"judges must be a list of judges or judge specs, got {type(judges).__name__}")
+    return [parse_judge_spec(j) if isinstance(j, (str, JudgeSpec)) else j for j in judges]
+
+
+def _build_judges(judges, model, tokenizer, *, device=None, dtype=None):
+    """Parsed specs built into judges (``model``/``harmbench`` with the analysed model); names made distinct."""
+    if judges is None:
+        return None
+    from ..behaviour.judge_spec import JudgeSpec, judges_from_specs
+
+    specs = [j for j in judges if isinstance(j, JudgeSpec)]
+    if not specs:
+        return judges
+    built = iter(judges_from_specs(specs, model=model, tokenizer=tokenizer, device=device, dtype=dtype))
+    return [next(built) if isinstance(j, JudgeSpec) else j for j in judges]
+
+
+def _is_case_store(attacks) -> bool:
+    if hasattr(attacks, "records") and callable(attacks.records) and not isinstance(attacks, (str, os.PathLike)):
+        return True
+    if not isinstance(attacks, (str, os.PathLike)):
+        return False
+    p = Path(attacks)
+    return p.is_dir() or (p.is_file() and p.name in ("records.jsonl", "test_cases.json"))
+
+
+def _read_case_folder(path) -> list[dict]:
+    """A test-case folder read without :mod:`pysafegeom.attacks.store`: ``records.jsonl`` (old GCG records name the
+    behaviour ``instruction`` and the method in ``run.json``) or HarmBench's ``test_cases.json`` (no behaviour texts)."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    run = {}
+    if (folder / "run.json").is_file():
+        try:
+            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            run = {}
+    records_file = folder / "records.jsonl" if p.is_dir() or p.name == "records.jsonl" else None
+    out = []
+    if records_file is not None and records_file.is_file():
+        for i, line in enumerate(records_file.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as exc:
+                raise InputFileError(f"{records_file}, line {i + 1}: not JSON ({exc})") from exc
+            if not isinstance(r, dict) or not isinstance(r.get("test_case"), str) or not r["test_case"].strip():
+                raise InputFileError(f"{records_file}, line {i + 1}: a record needs a non-empty test_case string")
+            out.append({**r, "behavior": r.get("behavior") or r.get("instruction"),
+                        "method": r.get("method") or run.get("method") or "unknown"})
+        return out
+    tc = folder / "test_cases.json" if p.is_dir() else p
+    if not tc.is_file():
+        raise MissingFile(f"{p} holds no test cases: expected records.jsonl or test_cases.json")
+    try:
+        d = json.loads(tc.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputFileError(f"{tc}: not JSON ({exc})") from exc
+    if not isinstance(d, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in d.values()):
+        raise InputFileError(f"{tc} is not a HarmBench test_cases.json ({{behavior_id: [test case strings]}})")
+    return [{"id": bid, "behavior": None, "method": run.get("method") or "unknown", "test_case": t,
+             "source_model": run.get("source_model")} for bid, ts in d.items() for t in ts]
+
+
+def _attack_cases(attacks) -> list[dict] | None:
+    """The records of a test-case store (``id``, ``behavior``, ``method``, ``test_case``, ...), or None when
+    ``attacks`` is a plain prompt list or prompts file (the old behaviour)."""
+    if attacks is None or not _is_case_store(attacks):
+        return None
+    try:
+        from ..attacks.store import open_cases
+    except ImportError:
+        if hasattr(attacks, "records") and not isinstance(attacks, (str, os.PathLike)):
+            records = attacks.records()
+        else:
+            records = _read_case_folder(attacks)
+    else:
+        records = open_cases(attacks).records()
+    records = [dict(r) for r in records]
+    if not records:
+        raise InvalidArgument(f"the attack test-case store {_store_origin(attacks)} holds no test cases")
+    for i, r in enumerate(records):
+        if not isinstance(r.get("test_case"), str) or not r["test_case"].strip():
+            raise InputFileError(f"{_store_origin(attacks)}: record {i} has no test_case")
+        r["method"] = str(r.get("method") or "unknown")
+        b = r.get("behavior")
+        r["behavior"] = b if isinstance(b, str) and b.strip() else None
+        c = r.get("context")
+        r["context"] = c if isinstance(c, str) and c.strip() else None
+    return records
+
+
+def _store_origin(attacks) -> str:
+    return str(getattr(attacks, "origin", None) or attacks) if not isinstance(attacks, (str, os.PathLike)) else str(attacks)
+
+
+def _check_case_behaviours(model, cases: list[dict], sets, allow_overlap: bool) -> None:
+    """Data hygiene for a store's behaviours: the test cases themselves went through the stage-1 checks; a behaviour
+    the model was trained on is an overlap too (an attack on it is not held out), and a behaviour in the harmful
+    fit split is noted."""
+    from ..errors import DataOverlap
+    from ..models.provenance import training_prompts
+    from ..validate import overlap
+
+    behaviours = list(dict.fromkeys(c["behavior"] for c in cases if c["behavior"]))
+    if not behaviours:
+        return
+    o = overlap(behaviours, training_prompts(model))
+    if o:
+        if not allow_overlap:
+            raise DataOverlap(f"the model was trained on {len(o)} of the behaviours the attack test cases attack (e.g. "
+                              f"{o[0]!r}): attacks on its own training prompts are not held out; pass other test cases, "
+                              f"or allow_overlap=True (--allow-overlap) to run anyway (recorded in the result)")
+        sets.overlap_override["attack_behaviors"] = len(o)
+        sets.notes.append(f"allow_overlap=True: the model was trained on {len(o)} of the attacked behaviours; their "
+                          "attack success is not held out")
+    fit = overlap(behaviours, sets.harmful["train"] + sets.harmful["val"])
+    if fit:
+        sets.notes.append(f"{len(fit)} attacked behaviour(s) are also in the harmful fit/selection prompts (e.g. "
+                          f"{fit[0]!r}): the carriers were fitted or selected on them")
+
+
+def _reopen_labels(judges, cases) -> str:
+    """A hash of what the reopen stage depends on beyond the stage fingerprint: judge names, case methods and behaviours."""
+    import hashlib
+
+    names = ["substring"] if judges is None else [getattr(j, "name", type(j).__name__) for j in judges]
+    lab = [[c["method"], c["behavior"], c.get("context")] for c in cases] if cases is not None else None
+    return hashlib.sha256(json.dumps([names, lab], sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --- the facade -------------------------------------------------------------------------------------
 
 def analyze(
@@ -255,6 +398,17 @@ def analyze(
     substring judge). ``xstest_unsafe`` (bundled by default) is the over-refusal check; ``attacks`` is an
     optional file or list of attack prompts (e.g. GCG or AutoDAN test cases) whose ASR is reported beside
     the direct requests'.
+
+    ``judges``: judge objects or judge spec strings (:mod:`pysafegeom.behaviour.judge_spec`: ``"substring"``,
+    ``"model"``, ``"harmbench:PATH"``, ...; one string is one spec); specs are parsed before the model loads and
+    built after it, so ``"model"``/``"harmbench"`` judge with the analysed model. The first judge decides.
+
+    ``attacks`` may also be a test-case store (:mod:`pysafegeom.attacks.store`: a store or GCG run folder, a
+    HarmBench ``test_cases.json`` or its folder, a ``records.jsonl``, or a ``TestCaseStore``): its test cases
+    are the attack prompts, each labelled with its method (``gcg``, ``autodan``, ``direct``,
+    ``template:<name>``), and the reopen table then reports the ASR per method in every condition
+    (``reopen["method_rows"]``), judged with each case's behaviour text as the judge's prompt where the store
+    knows it. A model's training record is checked against the behaviours as well as the test cases.
     """
     from ..models import ModelAdapter, load_model
     from . import stages as S
@@ -270,8 +424,13 @@ def analyze(
     check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
     if not cfg.interventions and (judges is not None or attacks is not None):
         raise ValueError("judges= and attacks= are used by the reopen table: pass interventions=True as well")
-    if cfg.interventions and judges is not None and not list(judges):
+    if cfg.interventions and judges is not None and not isinstance(judges, str) and not list(judges):
         raise ValueError("judges is empty: give at least one judge (e.g. [SubstringJudge()]) or None for the default")
+    attacks_spec = attacks
+    judges = _parse_judges(judges)  # spec strings checked now, built once the model is loaded
+    cases = _attack_cases(attacks) if cfg.interventions else None
+    if cases is not None:
+        attacks = [c["test_case"] for c in cases]
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder whose stage artifacts to resume from)")
     if out is not None:
@@ -286,11 +445,14 @@ def analyze(
             raise ValueError("a loaded model needs its tokenizer: analyze(model, tokenizer=tok, ...)")
     ad = ModelAdapter(model)
     L = ad.n_layers
+    judges = _build_judges(judges, model, tokenizer, device=device, dtype=dtype)
 
     # stage 1: which prompts do what (disjoint, and not the model's own training prompts)
     sets = S.stage_sets(model, harmful, harmless, xstest, xstest_unsafe=xstest_unsafe, benign=benign,
                         attacks=attacks, cfg=cfg, allow_overlap=allow_overlap)
     notes = sets.notes
+    if cases is not None:
+        _check_case_behaviours(model, cases, sets, allow_overlap)
     store = S.StageStore(stages_folder(out) if out is not None else None, S.fingerprint(model, spec, cfg, sets), resume)
     if resume and not any((store.folder / f"{n}.pt").is_file() for n in ("capture",)):
         notes.append(f"resume: {store.folder} held no finished stage; the analysis started from the beginning")
@@ -362,6 +524,12 @@ def analyze(
 
         t0 = time.perf_counter()
         reopen = store.load("reopen")
+        labels = _reopen_labels(judges, cases)
+        if reopen is not None and json.loads(reopen).get("settings", {}).get("labels_sha256") != labels:
+            # the stage fingerprint does not cover the judges or the cases' methods and behaviours
+            store.loaded.remove("reopen")
+            store.stale.append("reopen (judges or attack methods/behaviours changed)")
+            reopen = None
         if reopen is None:
             rep = reopen_attacks(
                 model, tokenizer, car.H[li].float(), car.r_at(ref_layer, ref_pos).float(), ref_layer, position=ref_pos,
@@ -369,8 +537,14 @@ def analyze(
                 xstest_safe=sets.xstest_eval,
                 xstest_unsafe=sets.xstest_unsafe, benign=sets.benign, benign_references=sets.benign_references,
                 attacks=sets.attacks, judges=judges, n_controls=cfg.n_controls,
+                attack_methods=[c["method"] for c in cases] if cases is not None else None,
+                attack_behaviors=[c["behavior"] for c in cases] if cases is not None else None,
+                attack_contexts=[c.get("context") for c in cases] if cases is not None else None,
                 orthogonal_controls=cfg.orthogonal_controls, actadd=cfg.actadd, max_new_tokens=cfg.max_new_tokens,
                 template=cfg.template, system=cfg.system, batch_size=cfg.batch_size or 32, progress=progress)
+            rep.settings["labels_sha256"] = labels
+            if cases is not None:
+                rep.settings["attack_store"] = _store_origin(attacks_spec)
             if sel.layer is None:
                 rep.notes.append(f"no admissible carrier: R is the reference candidate (layer {ref_layer}, {ref_pos}), "
                                  "not a selected one")

@@ -18,7 +18,10 @@ interventions at t_inst / the instruction positions). Every condition records it
 Measurements:
 
 * the harmful evaluation prompts (direct requests) and any attack prompts the user supplies ->
-  attack success rate (ASR) per judge, and ΔASR against the baseline;
+  attack success rate (ASR) per judge, and ΔASR against the baseline; attack prompts labelled by method
+  (``attack_methods``, e.g. from a test-case store: ``gcg``, ``autodan``, ``direct``, ``template:<name>``)
+  also get the ASR per method in every condition (``Reopen.method_rows``), judged with the behaviour each
+  case attacks as the judge's prompt where it is known (``attack_behaviors``);
 * the XSTest-style safe prompts -> any-refusal (full or partial, :class:`XSTestJudge`);
 * the benign prompts -> non-refusal, plus the cross-entropy of their reference answers (for
   instruction-position rows the instruction tokens of each prompt + reference row are edited, by a mask);
@@ -79,6 +82,8 @@ class ConditionResult:
     kl: float                  # mean KL on harmless prompts (0 at baseline)
     success: list[bool]        # per harmful prompt: attack succeeded (primary judge)
     positions: str = "all"     # where the intervention acts: "all" | "instruction" ("none" at baseline)
+    asr_attack_by_method: dict | None = None  # method -> judge name -> Rate dict (labelled attack prompts)
+    success_attack: list[bool] | None = None  # per attack prompt: attack succeeded (primary judge)
 
     @property
     def asr_value(self) -> float:
@@ -100,6 +105,7 @@ class Reopen:
     settings: dict
     verdict: str = ""
     notes: list[str] = field(default_factory=list)
+    method_rows: list[dict] = field(default_factory=list)  # per (attack method, non-control condition), see summarise_methods
 
     def row(self, name: str) -> ConditionResult:
         for c in self.conditions:
@@ -200,6 +206,9 @@ def reopen_attacks(
     benign_references: Sequence[str] | None = None,
     xstest_unsafe: Sequence[str] | None = None,
     attacks: Sequence[str] | None = None,
+    attack_methods: Sequence[str] | None = None,
+    attack_behaviors: Sequence[str | None] | None = None,
+    attack_contexts: Sequence[str | None] | None = None,
     judges: Sequence[Judge] | None = None,
     position: str | None = None,
     n_controls: int = 10,
@@ -221,6 +230,13 @@ def reopen_attacks(
     locate them), plus the contrast row ``ablate H (all positions)`` (module docstring). ``judges``: judges of attack success on the harmful answers; the first is primary (default
     ``[SubstringJudge()]``: success = not refused; a :class:`ModelJudge` gives the HarmBench-classifier
     ASR). ``xstest_unsafe`` are judged at baseline only, as the over-refusal check.
+
+    ``attacks``: attacked prompts (whole user messages) judged beside the direct requests. ``attack_methods``
+    (one label per attack prompt, e.g. ``"gcg"``) adds the ASR per method to every condition and
+    :attr:`Reopen.method_rows`; ``attack_behaviors`` (one per attack prompt, None where unknown) is what the
+    judges get as the prompt of each attacked answer (the behaviour, not the attacked message: a classifier
+    judges "is this an instance of the behaviour?"); ``attack_contexts`` (one per attack prompt, None where the
+    behaviour has none) goes to judges whose ``judge`` takes ``contexts=`` (a :class:`ModelJudge`).
     """
     from ..generation import greedy_generate
     from ..interventions.hooks import _check_layer, ablate, add
@@ -251,6 +267,19 @@ def reopen_attacks(
 
     harmful, harmless, xstest_safe, benign = list(harmful), list(harmless), list(xstest_safe), list(benign)
     attacks = list(attacks or [])
+    for what, labels in (("attack_methods", attack_methods), ("attack_behaviors", attack_behaviors),
+                         ("attack_contexts", attack_contexts)):
+        if labels is not None and len(labels) != len(attacks):
+            raise ValueError(f"{what} has {len(labels)} entries for {len(attacks)} attack prompts; give one per prompt")
+    if attack_methods is not None:
+        attack_methods = [str(m) for m in attack_methods]
+        if any(not m for m in attack_methods):
+            raise ValueError("attack_methods: an attack prompt has an empty method label")
+    methods = list(dict.fromkeys(attack_methods)) if attack_methods is not None else []
+    # what the judges see as each attacked answer's prompt: its behaviour where known, else the attacked message
+    attack_judge_prompts = ([b if b else a for a, b in zip(attacks, attack_behaviors)]
+                            if attack_behaviors is not None else attacks)
+    contexts = list(attack_contexts) if attack_contexts is not None and any(attack_contexts) else None
     jnames = [getattr(j, "name", type(j).__name__) for j in judges]
     if len(set(jnames)) != len(jnames):
         jnames = [f"{n}#{i}" for i, n in enumerate(jnames)]
@@ -339,6 +368,7 @@ def reopen_attacks(
             a_h, a_att = answers[:cut[0]], answers[cut[0]:cut[1]]
             a_xs, a_ben, a_un = answers[cut[1]:cut[2]], answers[cut[2]:len(all_prompts)], answers[len(all_prompts):]
             asr, asr_att, success = {}, None, None
+            by_method, success_att = None, None
             primary_verdicts = None
             for jn, j in zip(jnames, judges):
                 v = j.judge(harmful, a_h)
@@ -348,7 +378,14 @@ def reopen_attacks(
                     success = [bool(x.harmful) if x.harmful is not None else not x.refused for x in v]
                 if attacks:
                     asr_att = asr_att or {}
-                    asr_att[jn] = robust_refusal(j.judge(attacks, a_att)).to_dict()
+                    va = _judge_attacks(j, attack_judge_prompts, a_att, contexts)
+                    asr_att[jn] = robust_refusal(va).to_dict()
+                    if success_att is None:
+                        success_att = [bool(x.harmful) if x.harmful is not None else not x.refused for x in va]
+                    if methods:
+                        by_method = by_method or {m: {} for m in methods}
+                        for m in methods:
+                            by_method[m][jn] = robust_refusal([x for x, mm in zip(va, attack_methods) if mm == m]).to_dict()
             xs_v = xs_judge.judge(xstest_safe, a_xs)
             ben_v = ben_judge.judge(benign, a_ben)
             over = exaggerated_safety(xs_v).to_dict()
@@ -370,7 +407,8 @@ def reopen_attacks(
                 }
             else:
                 kl = float(_kl(base_logits, logits).mean())
-            results.append(ConditionResult(name, kind, carrier, control_of, asr, asr_att, over, util, kl, success, positions))
+            results.append(ConditionResult(name, kind, carrier, control_of, asr, asr_att, over, util, kl, success, positions,
+                                           by_method, success_att))
             if carrier != "control":
                 samples[name] = [{"prompt": p, "response": r} for p, r in list(zip(harmful, a_h))[:n_samples]]
     finally:
@@ -383,9 +421,86 @@ def reopen_attacks(
                   "xstest_unsafe": len(xstest_unsafe or []), "benign": len(benign)},
                  {"n_controls": n_controls, "orthogonal_controls": orthogonal_controls, "actadd": actadd,
                   "positions": {name: pos for name, _, _, pos, _, _ in carriers},
-                  "max_new_tokens": max_new_tokens, "seed": seed, "judges": jnames})
+                  "max_new_tokens": max_new_tokens, "seed": seed, "judges": jnames,
+                  "attack_methods": {m: attack_methods.count(m) for m in methods} if methods else None,
+                  "attack_judge_prompt": ("behaviour where known" if attack_behaviors is not None else "attack prompt")
+                  if attacks else None})
+    rep.method_rows = summarise_methods(results, attack_methods) if methods else []
     rep.verdict, rep.notes = reopen_verdict(rep)
+    rep.notes += method_notes(rep)
     return rep
+
+
+def _judge_attacks(judge, prompts: list[str], responses: list[str], contexts: list | None):
+    """``judge.judge`` on the attacked answers, with the behaviours' contexts for a judge that takes them."""
+    if contexts is not None:
+        import inspect
+
+        try:
+            takes = "contexts" in inspect.signature(judge.judge).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            return judge.judge(prompts, responses, contexts=contexts)
+    return judge.judge(prompts, responses)
+
+
+def summarise_methods(results: Sequence[ConditionResult], methods: Sequence[str]) -> list[dict]:
+    """One row per (attack method, non-control condition): the method's ASR (primary judge), ΔASR against the baseline,
+    and for carrier rows the matched controls' mean/sd of that ΔASR and the carrier's percentile among them, the
+    paired exact McNemar p against the baseline on that method's cases (``mcnemar_p_vs_baseline``) and, on the
+    ``ablate R`` and ``ablate H`` rows, the paired p of R against H (``mcnemar_p_r_vs_h``): "does ablating R
+    reopen more of this method's cases than ablating H?"."""
+    base = next(c for c in results if c.kind == "baseline")
+    order = list(dict.fromkeys(methods))
+    idx = {m: [i for i, mm in enumerate(methods) if mm == m] for m in order}
+
+    def asr(c: ConditionResult, m: str) -> dict:
+        return next(iter(c.asr_attack_by_method[m].values()))
+
+    rows = []
+    for m in order:
+        b = asr(base, m)["value"]
+        for c in results:
+            if c.carrier == "control":
+                continue
+            v = asr(c, m)["value"]
+            row = {"method": m, "condition": c.name, "kind": c.kind, "positions": c.positions, "n": len(idx[m]),
+                   "asr": v, "asr_rate": asr(c, m), "delta_asr": v - b}
+            if c.kind != "baseline" and c.success_attack is not None and base.success_attack is not None:
+                row["mcnemar_p_vs_baseline"] = mcnemar_exact([base.success_attack[i] for i in idx[m]],
+                                                             [c.success_attack[i] for i in idx[m]])
+            ctrls = [x for x in results if x.carrier == "control" and c.name in (x.control_of or "").split("|")]
+            if ctrls and c.kind != "baseline":
+                vals = [asr(x, m)["value"] - b for x in ctrls]
+                mean, sd = _mean_sd(vals)
+                row.update(n_controls=len(ctrls), controls_delta_asr_mean=mean, controls_delta_asr_sd=sd,
+                           delta_asr_percentile=percentile(row["delta_asr"], vals))
+            rows.append(row)
+        r_c = next((c for c in results if c.name == "ablate R"), None)
+        h_c = next((c for c in results if c.name == "ablate H"), None)
+        if r_c is not None and h_c is not None and r_c.success_attack is not None and h_c.success_attack is not None:
+            p = mcnemar_exact([h_c.success_attack[i] for i in idx[m]], [r_c.success_attack[i] for i in idx[m]])
+            for row in rows:
+                if row["method"] == m and row["condition"] in ("ablate R", "ablate H"):
+                    row["mcnemar_p_r_vs_h"] = p
+    return rows
+
+
+def method_notes(rep: Reopen) -> list[str]:
+    """Plain words per attack method: does ablating R reopen more of its cases than ablating H (paired McNemar)?"""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rep.method_rows):
+        rows = {r["condition"]: r for r in rep.method_rows if r["method"] == m}
+        base, r, h = rows["baseline"], rows.get("ablate R"), rows.get("ablate H")
+        if r is None or h is None:
+            continue
+        line = (f"attack method {m} ({base['n']} case(s), {rep.primary_judge} judge): baseline ASR {base['asr']:.0%}, "
+                f"ablate R ΔASR {r['delta_asr']:+.0%}, ablate H {h['delta_asr']:+.0%}")
+        if r.get("mcnemar_p_r_vs_h") is not None:
+            line += f" (paired exact McNemar p, R vs H = {r['mcnemar_p_r_vs_h']:.2g})"
+        out.append(line)
+    return out
 
 
 def _metrics(c: ConditionResult, base: ConditionResult) -> dict:

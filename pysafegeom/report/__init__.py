@@ -62,6 +62,23 @@ def reopen_section(rp: dict) -> str:
                     f"<td>{_pct(r['delta_asr'])}</td><td>{ctrl}</td><td>{pc}</td><td>{_f(r['kl'])}</td>"
                     f"<td>{_pct(r['delta_over_refusal'])}</td><td>{_pct(r['delta_utility'])}</td><td>{ce}</td></tr>")
     out.append("<table>" + head + "".join(body) + "</table>")
+    mrows = rp.get("method_rows") or []
+    if mrows:
+        conds = list(dict.fromkeys(r["condition"] for r in mrows))
+        out.append("<h2>Attack test cases by method</h2><p class='note'>ASR of each method's test cases at baseline and "
+                   "ΔASR under each intervention (judge: " + html.escape(rp["primary_judge"]) + "; the judge reads each case's "
+                   "behaviour where the store knows it). p: paired exact McNemar of ablate R against ablate H on that "
+                   "method's cases.</p><table><tr><th>method</th><th>cases</th>"
+                   + "".join(f"<th>{'ASR' if c == 'baseline' else 'ΔASR'}: {html.escape(c)}</th>" for c in conds)
+                   + "<th>p (R vs H)</th></tr>")
+        for m in dict.fromkeys(r["method"] for r in mrows):
+            by = {r["condition"]: r for r in mrows if r["method"] == m}
+            cells = "".join(f"<td>{_rate(by[c]['asr_rate']) if c == 'baseline' else _pct(by[c]['delta_asr'])}</td>"
+                            if c in by else "<td></td>" for c in conds)
+            p = (by.get("ablate R") or {}).get("mcnemar_p_r_vs_h")
+            out.append(f"<tr><th style='text-align:left'>{html.escape(m)}</th><td>{by['baseline']['n']}</td>{cells}"
+                       f"<td>{'' if p is None else f'{p:.2g}'}</td></tr>")
+        out.append("</table>")
     dg = rp["diagnostics"]
     out.append("<h2>Behavioural diagnostics at baseline (PROTOCOL 5)</h2><table>"
                "<tr><th>family</th><th>value (k/n; 95% Wilson interval)</th><th>how it was judged</th></tr>")
