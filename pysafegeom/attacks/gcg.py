@@ -437,6 +437,20 @@ def _cache_view(model, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int, batc
 
 # --- one model's scoring ---------------------------------------------------------------------------
 
+def plain_head(model) -> bool:
+    """Whether ``logits = final hidden state @ W_head.T`` exactly (a bias-free linear head, no logit scaling or
+    soft-capping, a separate body), so the target-only loss may run the head at the target positions alone."""
+    h = model.get_output_embeddings()
+    if not isinstance(h, torch.nn.Linear) or h.bias is not None:
+        return False
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        v = getattr(cfg, attr, None)
+        if v not in (None, 1, 1.0):
+            return False
+    return type(getattr(model, "base_model", model)) is not type(model)
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
@@ -508,15 +522,7 @@ class _ModelScorer:
         return max(1, int(0.6 * free // max(1, per)))
 
     def _head_is_plain(self) -> bool:
-        h = self.head
-        if not isinstance(h, torch.nn.Linear) or h.bias is not None:
-            return False
-        cfg = self.model.config
-        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-            v = getattr(cfg, attr, None)
-            if v not in (None, 1, 1.0):
-                return False
-        return type(self.body) is not type(self.model)
+        return plain_head(self.model)
 
     def _check_embedding(self) -> None:
         ids = self.t[0]["before"][:, :4]

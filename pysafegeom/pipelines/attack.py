@@ -1,12 +1,14 @@
-"""Attack a set of behaviours with GCG, judge the outcome, and write HarmBench-format test cases.
+"""Attack a set of behaviours with GCG or AutoDAN, judge the outcome, and keep the test cases in a store.
 
-:func:`attack_behaviors` runs one GCG per behaviour (or one universal suffix for all), resumably: each
-behaviour's attack state lives in ``out/states/<id>/`` and is written every step; finished behaviours are
-records in ``out/records.jsonl`` and are skipped on ``resume``. After each attack the attacked prompt is
-greedily generated and judged (the package's :class:`~pysafegeom.behaviour.SubstringJudge` unless another
-judge is given), next to the direct request (the instruction alone), so the attack success rate (ASR)
-is reported beside the direct-request ASR, with Wilson intervals. Files: see
-:mod:`pysafegeom.attacks.cases`, plus ``summary.json`` and ``loss_curves.svg``.
+:func:`attack_behaviors` runs one attack per behaviour (GCG also: one universal suffix for all),
+resumably: each behaviour's attack state lives in ``out/states/<id>/`` and is written every step;
+finished behaviours are records of the test-case store ``out`` (:class:`pysafegeom.attacks.store.TestCaseStore`:
+``records.jsonl``, HarmBench's ``test_cases.json`` and ``logs.json``) and are skipped on ``resume``. After
+each attack the test case is greedily answered and judged by every judge (the first decides; default the
+package's :class:`~pysafegeom.behaviour.SubstringJudge`), next to the direct request (the instruction
+alone), so the attack success rate (ASR) is reported beside the direct-request ASR, with Wilson
+intervals, in ``summary.json``; ``loss_curves.svg`` draws the losses. :func:`adaptive` runs GCG and
+AutoDAN against each of several models on the same behaviour subset (the sparse adaptive attacks).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Sequence
 
 from .. import validate as V
 from .._io import atomic_write_text, check_output_path, json_safe, mark_dir, read_marker
-from ..attacks import cases
+from ..attacks.autodan import AutoDAN, AutoDANConfig
 from ..attacks.gcg import GCG, AttackError, GCGConfig, model_hash
+from ..attacks.store import TestCaseStore, tokenizer_hash
 from ..behaviour.diagnostics import wilson_interval
 from ..data import Prompt
 from ..errors import OutputExists
 
-CONTENT = "gcg attack"
+CONTENT = "gcg attack"  # the folder marker (kept for folders earlier versions wrote)
+METHODS = ("gcg", "autodan")
 
 
 def _safe_id(s: str) -> str:
@@ -37,14 +41,14 @@ def _safe_id(s: str) -> str:
     return f"{keep}-{hashlib.sha256(s.encode()).hexdigest()[:10]}"
 
 
-def _generate(model, tokenizer, prompts: list[str], cfg: GCGConfig, max_new_tokens: int) -> list[str]:
+def _generate(model, tokenizer, prompts: list[str], cfg, max_new_tokens: int) -> list[str]:
     from ..generation import generate
 
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, template=cfg.template,
                     system=cfg.system, progress=False)
 
 
-def loss_curves_svg(records: list[dict], width: int = 640, height: int = 360) -> str:
+def loss_curves_svg(records: list[dict], width: int = 640, height: int = 360, title: str = "attack") -> str:
     """An SVG of each behaviour's loss per step (log scale), successes in one colour, failures in another."""
     series = [(r["id"], r["losses"], bool(r.get("success"))) for r in records if r.get("losses")]
     if not series:
@@ -64,7 +68,7 @@ def loss_curves_svg(records: list[dict], width: int = 640, height: int = 360) ->
 
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' font-size='11'>",
            f"<rect width='{width}' height='{height}' fill='white'/>",
-           f"<text x='{L}' y='12'>GCG loss per step (log scale); green: judged success, grey: refused</text>",
+           f"<text x='{L}' y='12'>{title} loss per step (log scale); green: judged success, grey: refused</text>",
            f"<text x='{width // 2}' y='{height - 8}'>step</text>"]
     for k in range(int(math.floor(lo)), int(math.ceil(hi)) + 1):
         y = T + (height - T - B) * (1 - (k - lo) / (hi - lo))
@@ -80,7 +84,7 @@ def loss_curves_svg(records: list[dict], width: int = 640, height: int = 360) ->
 
 
 def summarize(records: list[dict]) -> dict:
-    """ASR by judge and direct-request ASR, with 95% Wilson intervals, and time per behaviour."""
+    """ASR by the deciding judge and direct-request ASR, with 95% Wilson intervals, and time per behaviour."""
     n = len(records)
     if n == 0:
         return {"n": 0}
@@ -88,7 +92,7 @@ def summarize(records: list[dict]) -> dict:
     kd = sum(bool(r["direct_success"]) for r in records)
     walls = sorted(r["wall_seconds"] for r in records)
     steps = [len(r["losses"]) for r in records]
-    return {
+    out = {
         "n": n,
         "judge": records[0].get("judge"),
         "asr": k / n, "asr_ci95": wilson_interval(k, n),
@@ -100,23 +104,29 @@ def summarize(records: list[dict]) -> dict:
         "total_wall_seconds": sum(walls),
         "median_steps": sorted(steps)[n // 2],
     }
+    names = [j for j in (records[0].get("judges") or {})]
+    if len(names) > 1:  # every judge's ASR, not only the deciding one's
+        out["asr_by_judge"] = {}
+        for j in names:
+            kj = sum(bool(r["judges"][j]["success"]) for r in records if j in (r.get("judges") or {}))
+            out["asr_by_judge"][j] = {"asr": kj / n, "asr_ci95": wilson_interval(kj, n), "successes": kj}
+    return out
 
 
-def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGConfig | None = None, *,
-                     out: str | Path, universal: bool = False, resume: bool = False, overwrite: bool = False,
-                     judge=None, max_new_tokens: int = 64, source: str | None = None, progress: bool = True) -> dict:
-    """GCG against each behaviour (``meta["target"]`` is its target), judged; returns the summary.
+def _judge_name(j) -> str:
+    return getattr(j, "name", type(j).__name__)
 
-    ``universal``: one suffix for all behaviours (summed loss; ``config.progressive`` adds them one at a
-    time). ``source``: the model's name for the records (default: its class). ``judge``: any object with
-    ``judge(prompts, responses)``; success is "not refused". ``max_new_tokens``: the judged generation.
-    """
-    from ..behaviour import SubstringJudge
 
-    cfg = config or GCGConfig()
-    if not isinstance(cfg, GCGConfig):
-        raise AttackError(f"config must be a GCGConfig, got {type(cfg).__name__}")
-    cfg.check()
+def _judge_all(judges, prompts: list[str], texts: list[str]) -> list[dict]:
+    """Per answer: ``{judge name: {"success", "rule"}}`` for every judge (names made unique)."""
+    names = [_judge_name(j) for j in judges]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    per = [j.judge(prompts, texts) for j in judges]
+    return [{n: {"success": not v[i].refused, "rule": v[i].rule} for n, v in zip(names, per)} for i in range(len(texts))]
+
+
+def _check_behaviors(behaviors) -> list[Prompt]:
     behaviors = list(behaviors)
     if not behaviors:
         raise AttackError("no behaviours to attack")
@@ -125,14 +135,53 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
             raise AttackError(f"behaviours must be Prompt records (pysafegeom.data.load_behaviors), got {type(b).__name__}")
         if not b.meta.get("target"):
             raise AttackError(f"behaviour {b.id!r} has no target (meta['target'])")
-    V.positive_int("max_new_tokens", max_new_tokens)
     ids = [b.id for b in behaviors]
     if len(set(ids)) != len(ids):
-        raise AttackError("behaviour ids must be unique")
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise AttackError(f"behaviour ids must be unique; {dup!r} appears more than once")
+    return behaviors
+
+
+def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGConfig | AutoDANConfig | None = None, *,
+                     out: str | Path, universal: bool = False, resume: bool = False, overwrite: bool = False,
+                     judge=None, judges=None, max_new_tokens: int = 64, source: str | None = None,
+                     progress: bool = True, mutator=None) -> dict:
+    """GCG or AutoDAN (by the type of ``config``; default GCG) against each behaviour (``meta["target"]`` is
+    its target), judged; returns the summary.
+
+    ``universal`` (GCG only): one suffix for all behaviours (summed loss; ``config.progressive`` adds them
+    one at a time). ``source``: the model's name for the records (default: its class). ``judges``: a list
+    of objects with ``judge(prompts, responses)``, the first deciding success ("not refused"); ``judge``:
+    one judge (the older keyword). ``max_new_tokens``: the judged generation. ``mutator``: AutoDAN's
+    rewrite model as a loaded ``(model, tokenizer)`` pair (else ``config.mutator``).
+    """
+    from ..behaviour import SubstringJudge
+
+    cfg = config if config is not None else GCGConfig()
+    if not isinstance(cfg, (GCGConfig, AutoDANConfig)):
+        raise AttackError(f"config must be a GCGConfig or an AutoDANConfig, got {type(cfg).__name__}")
+    method = "gcg" if isinstance(cfg, GCGConfig) else "autodan"
+    cfg.check()
+    if universal and method != "gcg":
+        raise AttackError("universal=True is a GCG mode; AutoDAN attacks one behaviour at a time")
+    behaviors = _check_behaviors(behaviors)
+    V.positive_int("max_new_tokens", max_new_tokens)
+    if judge is not None and judges is not None:
+        raise AttackError("pass judge= or judges=, not both")
+    judges = [judge] if judge is not None else list(judges) if judges is not None else [SubstringJudge()]
+    if not judges:
+        raise AttackError("judges is empty: give at least one judge (e.g. [SubstringJudge()])")
+    for j in judges:
+        if not hasattr(j, "judge"):
+            raise AttackError(f"{j!r} is not a judge (it has no judge(prompts, responses) method)")
+    ids = [b.id for b in behaviors]
     groups = [behaviors] if universal else [[b] for b in behaviors]
-    for g in groups:  # every prompt, target and suffix init checked before anything is written
+    for g in groups:  # every prompt, target and option checked before anything is written
         try:
-            GCG.check_inputs(model, tokenizer, [b.text for b in g], [b.meta["target"] for b in g], cfg)
+            if method == "gcg":
+                GCG.check_inputs(model, tokenizer, [b.text for b in g], [b.meta["target"] for b in g], cfg)
+            else:
+                AutoDAN.check_inputs(model, tokenizer, g[0].text, g[0].meta["target"], cfg)
         except AttackError as exc:
             raise AttackError(f"behaviour {g[0].id!r}: {exc}" if len(g) == 1 else str(exc)) from exc
     out = check_output_path(out, overwrite, "dir", content=CONTENT)
@@ -143,28 +192,33 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         import shutil
 
         shutil.rmtree(out / "states", ignore_errors=True)
-        for f in ("records.jsonl", "test_cases.json", "logs.json", "summary.json", "direct.json", "run.json"):
+        for f in ("records.jsonl", "test_cases.json", "logs.json", "store.json", "summary.json", "direct.json",
+                  "run.json", "loss_curves.svg"):
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         mark_dir(out, CONTENT)
-    judge = judge or SubstringJudge()
     source = source or type(model).__name__
     mhash = model_hash(model)
-    run_info = {"method": "gcg", "source_model": source, "source_model_hash": mhash, "config": cfg.to_dict(),
-                "universal": universal, "behaviors": ids, "judge": getattr(judge, "name", type(judge).__name__)}
+    jname = _judge_name(judges[0])
+    run_info = {"method": method, "source_model": source, "source_model_hash": mhash, "config": cfg.to_dict(),
+                "universal": universal, "behaviors": ids, "judge": jname, "judges": [_judge_name(j) for j in judges],
+                "max_new_tokens": max_new_tokens}
     info_path = out / "run.json"
     if info_path.exists():
         old = json.loads(info_path.read_text())
         if resume and (old.get("behaviors") != ids or old.get("source_model_hash") != mhash
+                       or old.get("method", "gcg") != method
                        or {k: v for k, v in old.get("config", {}).items() if k != "progress"}
                        != {k: v for k, v in json_safe(cfg.to_dict()).items() if k != "progress"}):
-            raise OutputExists(f"{out} holds an attack on other behaviours, another model or other options; "
+            raise OutputExists(f"{out} holds an attack on other behaviours, another model, another method or other options; "
                                "use another folder or overwrite=True")
     atomic_write_text(info_path, json.dumps(json_safe(run_info), indent=1) + "\n")
 
-    records = cases.read_records(out / "records.jsonl") if resume else []
+    store = TestCaseStore(out)
+    records = [r for r in store.records() if r["method"] == method] if resume else []
     done = {r["id"] for r in records}
+    thash = tokenizer_hash(tokenizer)
 
     # the direct requests, once (kept for resume)
     direct_path = out / "direct.json"
@@ -172,48 +226,139 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         direct = json.loads(direct_path.read_text())
     else:
         texts = _generate(model, tokenizer, [b.text for b in behaviors], cfg, max_new_tokens)
-        verdicts = judge.judge([b.text for b in behaviors], texts)
-        direct = {b.id: {"completion": t, "success": not v.refused} for b, t, v in zip(behaviors, texts, verdicts)}
+        verdicts = _judge_all(judges, [b.text for b in behaviors], texts)
+        direct = {b.id: {"completion": t, "success": v[jname if jname in v else next(iter(v))]["success"], "judges": v}
+                  for b, t, v in zip(behaviors, texts, verdicts)}
         atomic_write_text(direct_path, json.dumps(direct, indent=1, ensure_ascii=False) + "\n")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(groups), desc="behaviours", unit="attack", disable=not progress)
+    bar = tqdm(total=len(groups), desc=f"{method}: behaviours", unit="attack", disable=not progress)
     bar.update(sum(1 for g in groups if all(b.id in done for b in g)))
+    title = "GCG" if method == "gcg" else "AutoDAN"
     for g in groups:
         if all(b.id in done for b in g):
             continue
         name = "universal" if universal else _safe_id(g[0].id)
-        t0 = time.perf_counter()
-        attack = GCG(model, tokenizer, [b.text for b in g], [b.meta["target"] for b in g], replace(cfg, progress=progress))
         state_dir = out / "states" / name
-        res = attack.run(state_dir, resume=resume or state_dir.exists(), overwrite=False)
-        wall = time.perf_counter() - t0 if res.resumed_from is None else float(sum(res.seconds_per_step))
-        tcs = res.test_cases
+        t0 = time.perf_counter()
+        if method == "gcg":
+            new = _attack_gcg(model, tokenizer, g, cfg, state_dir, resume, progress)
+        else:
+            new = _attack_autodan(model, tokenizer, g[0], cfg, state_dir, resume, progress, mutator)
+        for r in new:
+            if r["wall_seconds"] is None:
+                r["wall_seconds"] = time.perf_counter() - t0
+        tcs = [r["test_case"] for r in new]
         texts = _generate(model, tokenizer, tcs, cfg, max_new_tokens)
-        verdicts = judge.judge([b.text for b in g], texts)
-        from ..prompts import format_prompts
-
-        for b, tc, text, v, p in zip(g, tcs, texts, verdicts, attack.prompts):
-            fb = format_prompts(tokenizer, [tc], template=cfg.template, system=cfg.system)
-            judged_ids = fb.input_ids[0][fb.attention_mask[0].bool()].tolist()
-            records.append({
-                "id": b.id, "method": "gcg", "source_model": source, "source_model_hash": mhash,
-                "config": cfg.to_dict(), "instruction": b.text, "target": b.meta["target"], "suffix": res.best_string,
-                "test_case": tc, "prompt": p.before_text + res.best_string + p.after_text, "losses": res.losses,
-                "best_loss": res.best_loss, "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
-                "stopped_early": res.stopped_early, "judge": run_info["judge"], "success": not v.refused,
-                "judge_rule": v.rule, "completion": text, "direct_success": direct[b.id]["success"],
-                "direct_completion": direct[b.id]["completion"], "category": b.category, "universal": universal,
-                "judged_prompt_is_attacked_prompt": judged_ids == p.before_ids + res.best_ids + p.after_ids,
-            })
-        cases.write_all(out, records)
+        verdicts = _judge_all(judges, [b.text for b in g], texts)
+        for b, r, text, v in zip(g, new, texts, verdicts):
+            first = next(iter(v))
+            r.update({"id": b.id, "behavior": b.text, "instruction": b.text, "method": method, "source_model": source,
+                      "source_model_hash": mhash, "tokenizer_hash": thash, "config": cfg.to_dict(),
+                      "target": b.meta["target"], "judge": jname, "judges": v, "decided_by": jname,
+                      "success": v[first]["success"], "judge_rule": v[first]["rule"], "completion": text,
+                      "direct_success": direct[b.id]["success"], "direct_completion": direct[b.id]["completion"],
+                      "category": b.category, "universal": universal, "max_new_tokens": max_new_tokens})
+        records = [r for r in records if r["id"] not in {b.id for b in g}] + new
+        store.add(new)
         summary = summarize(records)
         atomic_write_text(out / "summary.json", json.dumps(json_safe({**run_info, **summary}), indent=1) + "\n")
-        atomic_write_text(out / "loss_curves.svg", loss_curves_svg(records))
+        atomic_write_text(out / "loss_curves.svg", loss_curves_svg(records, title=title))
         bar.update(1)
         bar.set_postfix(asr=f"{summary['asr']:.2f}", direct=f"{summary['direct_asr']:.2f}")
     bar.close()
     summary = summarize(records)
     atomic_write_text(out / "summary.json", json.dumps(json_safe({**run_info, **summary}), indent=1) + "\n")
     return {**run_info, **summary}
+
+
+def _attack_gcg(model, tokenizer, g: list[Prompt], cfg: GCGConfig, state_dir: Path, resume: bool, progress: bool) -> list[dict]:
+    from ..prompts import format_prompts
+
+    attack = GCG(model, tokenizer, [b.text for b in g], [b.meta["target"] for b in g], replace(cfg, progress=progress))
+    res = attack.run(state_dir, resume=resume or state_dir.exists(), overwrite=False)
+    wall = None if res.resumed_from is None else float(sum(res.seconds_per_step))
+    out = []
+    for tc, p in zip(res.test_cases, attack.prompts):
+        fb = format_prompts(tokenizer, [tc], template=cfg.template, system=cfg.system)
+        judged_ids = fb.input_ids[0][fb.attention_mask[0].bool()].tolist()
+        out.append({"suffix": res.best_string, "suffix_ids": list(res.best_ids), "test_case": tc,
+                    "prompt": p.before_text + res.best_string + p.after_text, "losses": res.losses,
+                    "best_loss": res.best_loss, "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
+                    "stopped_early": res.stopped_early,
+                    "judged_prompt_is_attacked_prompt": judged_ids == p.before_ids + res.best_ids + p.after_ids})
+    return out
+
+
+def _attack_autodan(model, tokenizer, b: Prompt, cfg: AutoDANConfig, state_dir: Path, resume: bool, progress: bool,
+                    mutator) -> list[dict]:
+    attack = AutoDAN(model, tokenizer, b.text, b.meta["target"], replace(cfg, progress=progress), mutator=mutator)
+    res = attack.run(state_dir, resume=resume or state_dir.exists(), overwrite=False)
+    wall = None if res.resumed_from is None else float(sum(res.seconds_per_step))
+    return [{"template": res.best_template, "test_case": res.best_test_case, "losses": res.losses,
+             "best_loss": res.best_loss, "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
+             "stopped_early": res.stopped_early, "success_step": res.success_step,
+             "check_completion": res.check_completion, "n_scored": res.n_scored}]
+
+
+def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, subset: int = 20,
+             methods: Sequence[str] = METHODS, gcg: GCGConfig | None = None, autodan: AutoDANConfig | None = None,
+             judges=None, max_new_tokens: int = 64, seed: int = 0, resume: bool = True, overwrite: bool = False,
+             progress: bool = True, load=None) -> dict:
+    """Sparse adaptive attacks: each method optimised against each model on the same ``subset`` behaviours.
+
+    ``models``: load_model specs (loaded one at a time) or ``(name, model, tokenizer)`` triples. The subset
+    is drawn once with ``seed`` (all behaviours when ``subset`` >= their number) and written to
+    ``out/subset.json``. Each model gets one store, ``out/<model name>/<method>/`` (an
+    :func:`attack_behaviors` folder), resumable per (model, behaviour). Returns ``{model: {method: summary}}``.
+    """
+    import random
+
+    behaviors = _check_behaviors(behaviors)
+    V.positive_int("subset", subset)
+    methods = list(methods)
+    if not methods or any(m not in METHODS for m in methods):
+        raise AttackError(f"methods must be some of {', '.join(METHODS)}, got {methods}")
+    models = list(models)
+    if not models:
+        raise AttackError("no models given")
+    names = [m if isinstance(m, str) else m[0] for m in models]
+    safe = [_safe_id(str(n)) for n in names]
+    if len(set(safe)) != len(safe):
+        raise AttackError("two models have the same name; give (name, model, tokenizer) triples with distinct names")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sub_path = out / "subset.json"
+    if sub_path.exists() and resume:
+        chosen = json.loads(sub_path.read_text())["behaviors"]
+        by_id = {b.id: b for b in behaviors}
+        missing = [i for i in chosen if i not in by_id]
+        if missing:
+            raise AttackError(f"{sub_path} names behaviours not in the given set ({missing[:3]}); use another --out")
+        pick = [by_id[i] for i in chosen]
+    else:
+        pick = list(behaviors)
+        if subset < len(pick):
+            pick = sorted(random.Random(seed).sample(pick, subset), key=lambda b: behaviors.index(b))
+        atomic_write_text(sub_path, json.dumps({"seed": seed, "subset": subset, "behaviors": [b.id for b in pick]},
+                                               indent=1) + "\n")
+    if load is None:
+        from ..models import load_model as load
+    results: dict = {}
+    for spec, name, folder in zip(models, names, safe):
+        if isinstance(spec, str):
+            model, tok = load(spec)
+        else:
+            _, model, tok = spec
+        results[name] = {}
+        for m in methods:
+            cfg = (gcg or GCGConfig()) if m == "gcg" else (autodan or AutoDANConfig())
+            d = out / folder / m
+            results[name][m] = attack_behaviors(model, tok, pick, cfg, out=d, judges=judges, max_new_tokens=max_new_tokens,
+                                                source=str(name), resume=resume and d.exists(), overwrite=overwrite,
+                                                progress=progress)
+        if isinstance(spec, str):
+            del model, tok
+    atomic_write_text(out / "adaptive.json", json.dumps(json_safe(results), indent=1) + "\n")
+    return results
