@@ -215,3 +215,33 @@ def test_cli_judge_flag(tmp_path, capsys, monkeypatch):
     seen.clear()
     cli.main(["analyze", "--out", str(tmp_path / "o"), "--interventions"])
     assert seen["judges"] is None  # the default: analyze's (the substring judge)
+
+
+def test_analyze_passes_exact_test_cases_and_recomputes_reopen_on_new_judges(model, tok, tmp_path, monkeypatch):
+    import pysafegeom.pipelines.reopen as R
+    from pysafegeom.pipelines import stages as S
+
+    store = tmp_path / "cases"
+    store.mkdir()
+    recs = [_record("b1", GCG[0][1], "gcg", GCG[0][1] + " !! ends in a space "),
+            _record("d1", GCG[1][1], "direct", GCG[1][1])]
+    (store / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    seen = []
+    real = R.reopen_attacks
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(R, "reopen_attacks", spy)
+    monkeypatch.setattr(S.StageStore, "remove", lambda self: None)  # keep the stage artifacts, as a killed run would
+    kw = dict(tokenizer=tok, n_val=3, selection_positions=["eoi-1"], min_filtered=1, progress=False, interventions=True,
+              n_controls=1, max_new_tokens=2, n_behaviour=2, attacks=store, out=tmp_path / "res")
+    analyze(model, HARMFUL, HARMLESS, XS, judges="substring", **kw)
+    assert seen[0]["attacks"][0].endswith("a space ")  # not stripped
+    assert seen[0]["attack_methods"] == ["gcg", "direct"]
+    again = analyze(model, HARMFUL, HARMLESS, XS, judges="substring", resume=True, **kw)
+    assert len(seen) == 1 and "reopen" in " ".join(again.meta["notes"])  # same judges: the reopen stage is reused
+    other = analyze(model, HARMFUL, HARMLESS, XS, judges=["substring", "xstest"], resume=True, **kw)
+    assert len(seen) == 2 and other.reopen["settings"]["judges"] == ["substring", "xstest"]
+    assert any("reopen (judges or attack methods/behaviours changed)" in n for n in other.meta["notes"])

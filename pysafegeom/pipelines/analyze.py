@@ -343,11 +343,12 @@ def _check_case_behaviours(model, cases: list[dict], sets, allow_overlap: bool) 
 
 
 def _reopen_labels(judges, cases) -> str:
-    """A hash of what the reopen stage depends on beyond the stage fingerprint: judge names, case methods and behaviours."""
+    """A hash of what the reopen stage depends on beyond the stage fingerprint: judge names, and the cases' methods,
+    behaviours, contexts and exact test-case strings (the fingerprint hashes the loaded, whitespace-stripped ones)."""
     import hashlib
 
     names = ["substring"] if judges is None else [getattr(j, "name", type(j).__name__) for j in judges]
-    lab = [[c["method"], c["behavior"], c.get("context")] for c in cases] if cases is not None else None
+    lab = [[c["method"], c["behavior"], c.get("context"), c["test_case"]] for c in cases] if cases is not None else None
     return hashlib.sha256(json.dumps([names, lab], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -452,6 +453,9 @@ def analyze(
                         attacks=attacks, cfg=cfg, allow_overlap=allow_overlap)
     notes = sets.notes
     if cases is not None:
+        if len(sets.attacks or []) != len(cases):
+            raise InputFileError(f"the attack test-case store {_store_origin(attacks_spec)} gave {len(cases)} test cases but "
+                                 f"{len(sets.attacks or [])} attack prompts were read from them")
         _check_case_behaviours(model, cases, sets, allow_overlap)
     store = S.StageStore(stages_folder(out) if out is not None else None, S.fingerprint(model, spec, cfg, sets), resume)
     if resume and not any((store.folder / f"{n}.pt").is_file() for n in ("capture",)):
@@ -536,7 +540,10 @@ def analyze(
                 harmful=hf["test"][: cfg.n_behaviour] if cfg.n_behaviour else hf["test"], harmless=hl["test"][: cfg.n_val],
                 xstest_safe=sets.xstest_eval,
                 xstest_unsafe=sets.xstest_unsafe, benign=sets.benign, benign_references=sets.benign_references,
-                attacks=sets.attacks, judges=judges, n_controls=cfg.n_controls,
+                # a store's test cases exactly as written (the prompt loader strips whitespace, which would change a
+                # GCG suffix's tokens); a plain prompt list or file as loaded
+                attacks=[c["test_case"] for c in cases] if cases is not None else sets.attacks, judges=judges,
+                n_controls=cfg.n_controls,
                 attack_methods=[c["method"] for c in cases] if cases is not None else None,
                 attack_behaviors=[c["behavior"] for c in cases] if cases is not None else None,
                 attack_contexts=[c.get("context") for c in cases] if cases is not None else None,
