@@ -401,7 +401,8 @@ class ModelJudge:
     (``judge(prompts, responses, contexts=...)``). ``chat=True`` wraps the filled template as a user turn
     with the tokenizer's chat template; with ``chat=False`` the tokenizer adds its own special tokens
     (BOS). Generations are cut to ``max_generation_tokens`` tokens of this tokenizer first (HarmBench
-    uses 512).
+    uses 512; its cut encodes with the tokenizer's special tokens, so a BOS counts among its 512, one
+    generation token fewer than here).
 
     Reading the answer (causal): ``answer_match="first-token"`` takes the first token of each spelling in
     ``yes``/``no``; ``"vocab"`` takes every vocabulary token whose text, whitespace stripped and
