@@ -102,7 +102,9 @@ def _cmd_analyze(args) -> int:
     if args.interventions or args.sweeps:
         opts.update(interventions=args.interventions, sweeps=args.sweeps, n_controls=args.n_controls,
                     max_new_tokens=args.max_new_tokens)
-    extra = {"attacks": args.attacks, "benign": args.benign} if args.interventions else {}
+    if args.judge and not args.interventions:
+        args.analyze_parser.error("--judge is used by the reopen table: add --interventions")
+    extra = {"attacks": args.attacks, "benign": args.benign, "judges": args.judge} if args.interventions else {}
     if args.attacks and not args.interventions:
         raise ValueError("--attacks is used by the reopen table: add --interventions")
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
@@ -145,84 +147,227 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_attack_gcg(args) -> int:
+def _gcg_config(args):
+    from .attacks import GCGConfig
+
+    return GCGConfig(num_steps=args.steps, search_width=args.width, topk=args.topk, n_replace=args.n_replace,
+                     buffer_size=args.buffer_size, use_mellowmax=args.mellowmax, early_stop=not args.no_early_stop,
+                     allow_non_ascii=args.allow_non_ascii, filter_ids=not args.no_filter, seed=args.seed,
+                     optim_str_init=args.init if args.init is not None else GCGConfig().optim_str_init,
+                     add_space_before_target=args.space_before_target, template=args.template, system=args.system,
+                     progressive=getattr(args, "progressive", False), batch_size=args.batch_size).check()
+
+
+def _autodan_config(args):
+    from .attacks.autodan import AutoDANConfig
+
+    base = AutoDANConfig.original() if args.original else AutoDANConfig()
+    kw = dict(algorithm=args.algorithm, num_steps=args.autodan_steps if hasattr(args, "autodan_steps") else args.steps,
+              eval_steps=args.eval_steps, num_elites=args.num_elites, crossover=args.crossover,
+              num_points=args.num_points, mutation=args.mutation, iter=args.iter,
+              eval_with_check_refusal=not args.no_check_refusal, prototype=args.prototype, references=args.references,
+              mutation_mode=args.mutation_mode, synonyms=args.synonyms, mutator=args.mutator, template=args.template,
+              system=args.system, seed=args.seed)
+    if args.population is not None:
+        kw["batch_size"] = args.population
+    from dataclasses import replace
+
+    return replace(base, **kw).check()
+
+
+def _attack_summary_line(summary: dict, out) -> None:
     from pathlib import Path
 
-    from .attacks import GCGConfig
+    lo, hi = summary["asr_ci95"]
+    dlo, dhi = summary["direct_asr_ci95"]
+    print(f"{summary['method']}: {summary['n']} behaviours: ASR {summary['asr']:.2f} [{lo:.2f}, {hi:.2f}] vs direct "
+          f"request {summary['direct_asr']:.2f} [{dlo:.2f}, {dhi:.2f}] ({summary['judge']} judge); test cases in "
+          f"{Path(out) / 'test_cases.json'}")
+
+
+def _run_attack(args, cfg) -> int:
+    from pathlib import Path
+
+    from ._io import check_output_path
+    from .cli_replay import build_judges
     from .data import load_behaviors
     from .models import load_model
     from .pipelines.attack import attack_behaviors
 
-    cfg = GCGConfig(num_steps=args.steps, search_width=args.width, topk=args.topk, n_replace=args.n_replace,
-                    buffer_size=args.buffer_size, use_mellowmax=args.mellowmax, early_stop=not args.no_early_stop,
-                    allow_non_ascii=args.allow_non_ascii, filter_ids=not args.no_filter, seed=args.seed,
-                    optim_str_init=args.init if args.init is not None else GCGConfig().optim_str_init,
-                    add_space_before_target=args.space_before_target, template=args.template, system=args.system,
-                    progressive=args.progressive, batch_size=args.batch_size)
-    cfg.check()
     behaviors = load_behaviors(args.behaviors, args.targets)
     if args.limit is not None:
         behaviors = behaviors[: args.limit]
-    from ._io import check_output_path
-
     if not args.resume:
         check_output_path(Path(args.out), args.overwrite, "dir", content="gcg attack")  # before the model loads
     model, tok = load_model(args.model, device=args.device)
-    summary = attack_behaviors(model, tok, behaviors, cfg, out=args.out, universal=args.universal, resume=args.resume,
-                               overwrite=args.overwrite, max_new_tokens=args.max_new_tokens, source=args.model)
-    lo, hi = summary["asr_ci95"]
-    dlo, dhi = summary["direct_asr_ci95"]
-    print(f"{summary['n']} behaviours: ASR {summary['asr']:.2f} [{lo:.2f}, {hi:.2f}] vs direct request "
-          f"{summary['direct_asr']:.2f} [{dlo:.2f}, {dhi:.2f}] ({summary['judge']} judge); test cases in "
-          f"{Path(args.out) / 'test_cases.json'}")
+    judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
+    summary = attack_behaviors(model, tok, behaviors, cfg, out=args.out, universal=getattr(args, "universal", False),
+                               resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
+                               source=args.model, judges=judges)
+    _attack_summary_line(summary, args.out)
     return 0
 
 
-def _add_attack(sub) -> None:
+def _cmd_attack_gcg(args) -> int:
+    return _run_attack(args, _gcg_config(args))
+
+
+def _cmd_attack_autodan(args) -> int:
+    return _run_attack(args, _autodan_config(args))
+
+
+def _cmd_attack_adaptive(args) -> int:
+    from pathlib import Path
+
+    from .cli_replay import build_judges
+    from .data import load_behaviors
+    from .models import load_model
+    from .pipelines.attack import adaptive
+
+    models = [m for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("--models is empty: give comma-separated model specs")
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    behaviors = load_behaviors(args.behaviors, args.targets)
+    gcg = _gcg_config(args)
+    ad = _autodan_config(args)
+    judges = None
+    if args.judge:
+        judges = build_judges(args.judge, device=args.device)
+
+    def load(spec):
+        return load_model(spec, device=args.device)
+
+    res = adaptive(models, behaviors, out=args.out, subset=args.subset, methods=methods, gcg=gcg, autodan=ad,
+                   judges=judges, max_new_tokens=args.max_new_tokens, seed=args.seed, resume=not args.overwrite,
+                   overwrite=args.overwrite, load=load)
+    for name, per in res.items():
+        for m, summary in per.items():
+            print(f"{name}: ", end="")
+            _attack_summary_line(summary, Path(args.out) / m)
+    return 0
+
+
+def _gcg_args(g, prefix: bool = False) -> None:
+    """GCG's search options (``prefix``: the adaptive command, where --steps is GCG's and AutoDAN has its own)."""
+    g.add_argument("--steps", type=_POS, default=250, help="GCG steps per behaviour (default 250)")
+    g.add_argument("--width", type=_POS, default=512, help="GCG candidates per step (search width, default 512)")
+    g.add_argument("--topk", type=_POS, default=256, help="GCG top-k tokens per suffix position (default 256)")
+    g.add_argument("--n-replace", type=_POS, default=1, help="GCG positions replaced per candidate (default 1)")
+    g.add_argument("--buffer-size", type=_arg("nonneg_int"), default=0, help="GCG attack buffer size (default 0: greedy)")
+    g.add_argument("--mellowmax", action="store_true", help="GCG: mellowmax loss instead of cross-entropy")
+    g.add_argument("--no-early-stop", action="store_true", help="GCG: run all steps even after an exact greedy match")
+    g.add_argument("--allow-non-ascii", action="store_true", help="GCG: let the suffix use non-ASCII tokens")
+    g.add_argument("--no-filter", action="store_true", help="GCG: skip the retokenisation filter (test cases may then "
+                   "not reproduce the attacked ids)")
+    g.add_argument("--init", default=None, help="GCG: initial suffix text (default: 20 x's)")
+    g.add_argument("--space-before-target", action="store_true", help="GCG: put a space before the target")
+    g.add_argument("--batch-size", type=_POS, default=None, help="GCG: most candidates per forward (default: all on CPU)")
+
+
+def _autodan_args(g, steps_flag: str = "--steps") -> None:
+    frac = _arg("finite_float", float, lo=0.0, hi=1.0)
+    g.add_argument(steps_flag, dest="autodan_steps" if steps_flag != "--steps" else "steps", type=_POS, default=100,
+                   help="AutoDAN generations per behaviour (default 100)")
+    g.add_argument("--algorithm", choices=["hga", "ga"], default="hga", help="AutoDAN-HGA (default) or AutoDAN-GA")
+    g.add_argument("--population", type=_POS, default=None, help="templates per generation (default 64, HarmBench; "
+                   "--original: 256)")
+    g.add_argument("--original", action="store_true", help="the paper's settings (population 256, 5%% elites)")
+    g.add_argument("--eval-steps", type=_POS, default=5, help="refusal check every N generations (default 5)")
+    g.add_argument("--no-check-refusal", action="store_true", help="never stop early on a non-refused answer")
+    g.add_argument("--num-elites", type=frac, default=0.1, help="share of elites kept (default 0.1)")
+    g.add_argument("--crossover", type=frac, default=0.5, help="crossover probability (default 0.5)")
+    g.add_argument("--num-points", type=_POS, default=5, help="crossover points (default 5)")
+    g.add_argument("--mutation", type=frac, default=0.01, help="mutation probability (default 0.01)")
+    g.add_argument("--iter", type=_POS, default=5, help="HGA: sentence-level GA every N-th step (default 5)")
+    g.add_argument("--prototype", default=None, help="initial prototype prompt file (.txt/.json; default: the shipped one)")
+    g.add_argument("--references", default=None, help="reference prompts file (.json list, HarmBench templates JSON, "
+                   ".jsonl; default: the shipped ones)")
+    g.add_argument("--mutation-mode", choices=["synonym", "model", "reference"], default="synonym",
+                   help="offline mutation: synonym substitution (default), rewrite by a local model, or a reference swap")
+    g.add_argument("--synonyms", choices=["table", "embedding", "both"], default="both",
+                   help="synonym source (default both: the shipped table and embedding neighbours)")
+    g.add_argument("--mutator", default=None, help="with --mutation-mode model: the rewriting model (load_model spec; "
+                   "default: the attacked model)")
+
+
+def _attack_common(g, judge: bool = True) -> None:
     from .models import DEFAULT_MODEL
 
-    s = sub.add_parser("attack", help="adversarial attacks on a model's refusal (gcg)")
-    asub = s.add_subparsers(dest="method", required=True)
-    g = asub.add_parser(
-        "gcg", help="GCG adversarial suffixes, judged, written as HarmBench test cases",
-        description="Greedy Coordinate Gradient: one suffix per behaviour (or one for all with --universal), "
-                    "optimised so the model starts its answer with the behaviour's target. Writes test_cases.json "
-                    "(HarmBench format), logs.json, records.jsonl (one record per behaviour), summary.json (ASR by "
-                    "judge beside the direct-request ASR) and loss_curves.svg. The state of every attack is saved "
-                    "each step: --resume continues a killed run to the identical result.",
-        epilog="example: pysafegeom attack gcg --model smollm2-135m-safety --behaviors harmbench_behaviors_text_test.csv "
-               "--targets harmbench_targets_text.json --out runs/gcg --steps 250 --width 512")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
     g.add_argument("--behaviors", required=True, help="behaviours: a HarmBench CSV, an AdvBench CSV (goal, target), or "
                    "a CSV/JSONL table with a prompt column and a target column")
     g.add_argument("--targets", default=None, help="HarmBench's targets JSON (BehaviorID -> target); needed for a HarmBench CSV")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--limit", type=_POS, default=None, help="attack only the first N behaviours")
-    g.add_argument("--steps", type=_POS, default=250, help="GCG steps per behaviour (default 250)")
-    g.add_argument("--width", type=_POS, default=512, help="candidates per step (search width, default 512)")
-    g.add_argument("--topk", type=_POS, default=256, help="top-k tokens per suffix position (default 256)")
-    g.add_argument("--n-replace", type=_POS, default=1, help="positions replaced per candidate (default 1)")
-    g.add_argument("--buffer-size", type=_arg("nonneg_int"), default=0, help="attack buffer size (default 0: greedy)")
-    g.add_argument("--mellowmax", action="store_true", help="mellowmax loss instead of cross-entropy")
-    g.add_argument("--no-early-stop", action="store_true", help="run all steps even after an exact greedy match")
-    g.add_argument("--allow-non-ascii", action="store_true", help="let the suffix use non-ASCII tokens")
-    g.add_argument("--no-filter", action="store_true", help="skip the retokenisation filter (test cases may then not "
-                   "reproduce the attacked ids)")
-    g.add_argument("--init", default=None, help="initial suffix text (default: 20 x's)")
-    g.add_argument("--space-before-target", action="store_true", help="put a space before the target")
-    g.add_argument("--universal", action="store_true", help="one suffix for all behaviours (summed loss)")
-    g.add_argument("--progressive", action="store_true", help="with --universal: add behaviours one at a time "
-                   "(HarmBench's progressive prompts)")
     g.add_argument("--template", default=None, help="chat template (default: the tokenizer's own; or chatml, llama-2, "
                    "llama-3, mistral, zephyr, gemma, plain, or a Jinja string)")
     g.add_argument("--system", default=None, help="optional system prompt")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=_POS, default=None, help="most candidates per forward (default: all on CPU)")
-    g.add_argument("--max-new-tokens", type=_POS, default=64, help="tokens of the judged greedy answer (default 64)")
-    g.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    g.add_argument("--max-new-tokens", type=_POS, default=64, help="tokens of the judged greedy answer (default 64; "
+                   "HarmBench uses 512)")
+    g.add_argument("--judge", action="append", default=None, metavar="SPEC",
+                   help="a judge (repeatable; the first decides): substring (default), xstest, model (the attacked "
+                        "model as a local judge), model:SPEC[:preset=NAME], harmbench:SPEC")
     g.add_argument("--overwrite", action="store_true", help="replace an attack already in --out")
     g.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    _ = DEFAULT_MODEL
+
+
+def _add_attack(sub) -> None:
+    from .cli_replay import add_replay_parser
+    from .models import DEFAULT_MODEL
+
+    s = sub.add_parser("attack", help="adversarial attacks on a model's refusal (gcg, autodan, adaptive, replay)")
+    asub = s.add_subparsers(dest="method", required=True)
+    g = asub.add_parser(
+        "gcg", help="GCG adversarial suffixes, judged, written as HarmBench test cases",
+        description="Greedy Coordinate Gradient: one suffix per behaviour (or one for all with --universal), "
+                    "optimised so the model starts its answer with the behaviour's target. Writes a test-case store "
+                    "(records.jsonl, HarmBench's test_cases.json and logs.json), summary.json (ASR by judge beside "
+                    "the direct-request ASR) and loss_curves.svg. The state of every attack is saved each step: "
+                    "--resume continues a killed run to the identical result.",
+        epilog="example: pysafegeom attack gcg --model smollm2-135m-safety --behaviors harmbench_behaviors_text_test.csv "
+               "--targets harmbench_targets_text.json --out runs/gcg --steps 250 --width 512")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
+    _attack_common(g)
+    g.add_argument("--limit", type=_POS, default=None, help="attack only the first N behaviours")
+    _gcg_args(g)
+    g.add_argument("--universal", action="store_true", help="one suffix for all behaviours (summed loss)")
+    g.add_argument("--progressive", action="store_true", help="with --universal: add behaviours one at a time "
+                   "(HarmBench's progressive prompts)")
+    g.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     g.set_defaults(func=_cmd_attack_gcg)
+
+    a = asub.add_parser(
+        "autodan", help="AutoDAN-HGA/GA jailbreak prompts, offline mutation, judged, written as HarmBench test cases",
+        description="AutoDAN: a genetic search over whole prompt templates, fitness the target loss, scored in length "
+                    "buckets through a prefix cache. Mutation is offline (synonyms from a shipped table or the model's "
+                    "embedding space, or a local rewriting model). Writes the same files as 'attack gcg'; --resume "
+                    "continues a killed run to the identical result.",
+        epilog="example: pysafegeom attack autodan --model smollm2-135m-safety --behaviors harmbench_behaviors_text_test.csv "
+               "--targets harmbench_targets_text.json --out runs/autodan --steps 100")
+    a.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or registered name (default: {DEFAULT_MODEL})")
+    _attack_common(a)
+    a.add_argument("--limit", type=_POS, default=None, help="attack only the first N behaviours")
+    _autodan_args(a)
+    a.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    a.set_defaults(func=_cmd_attack_autodan)
+
+    d = asub.add_parser(
+        "adaptive", help="sparse adaptive attacks: GCG and AutoDAN optimised against each model on a behaviour subset",
+        description="For each model (loaded one at a time), GCG and AutoDAN against the same N behaviours (drawn once "
+                    "with --seed, kept in OUT/subset.json); one test-case store per model and method in "
+                    "OUT/<model>/<method>/. Reruns resume per (model, behaviour).",
+        epilog="example: pysafegeom attack adaptive --models smollm2-135m-instruct,smollm2-135m-safety --behaviors "
+               "harmbench_behaviors_text_test.csv --targets harmbench_targets_text.json --subset 20 --out runs/adaptive")
+    d.add_argument("--models", required=True, help="comma-separated model specs")
+    d.add_argument("--subset", type=_POS, default=20, help="behaviours per model (default 20)")
+    d.add_argument("--methods", default="gcg,autodan", help="comma-separated methods (default gcg,autodan)")
+    _attack_common(d)
+    _gcg_args(d)
+    _autodan_args(d, steps_flag="--autodan-steps")
+    d.set_defaults(func=_cmd_attack_adaptive)
+
+    add_replay_parser(asub)
 
 
 def _read_prompts(path):
@@ -405,12 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, type=_DTYPE, help="float32, bfloat16 or float16 (default: float32 on CPU)")
     s.add_argument("--interventions", action="store_true", help="add the reopen table (R, H, span(H, R) ablated, with "
                    "matched controls) and the four behavioural diagnostics; generates answers, so it takes longer")
-    s.add_argument("--attacks", default=None, help="attack prompts file (e.g. GCG/AutoDAN test cases) for the reopen table")
+    s.add_argument("--attacks", default=None, help="attack prompts for the reopen table: a prompts file, or a test-case "
+                   "store (a store or GCG run folder, a HarmBench test_cases.json): then the ASR is reported per method "
+                   "(gcg, autodan, direct, template:NAME) in every condition")
+    def judge_spec(text: str) -> str:  # --judge: the spec checked (names, phrase lists, presets), nothing loaded
+        from .behaviour.judge_spec import parse_judge_spec
+
+        try:
+            parse_judge_spec(text)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    s.add_argument("--judge", action="append", default=None, metavar="SPEC", type=judge_spec,
+                   help="judge of attack success in the reopen table, repeatable; the first decides (default: substring). "
+                   "SPEC: substring[:LISTS], xstest, model (the analysed model as a classifier), model:PATH[:preset=NAME], "
+                   "harmbench:PATH (HarmBench's classifier prompt, e.g. a local HarmBench-Llama-2-13b-cls). Needs --interventions")
     s.add_argument("--benign", default=None, help="benign prompts file, with reference answers for the CE proxy (default: bundled)")
     s.add_argument("--sweeps", action="store_true", help="add ActAdd and partial-ablation sweeps with matched controls")
     s.add_argument("--n-controls", type=_POS, default=10, help="matched random controls per row (default 10)")
     s.add_argument("--max-new-tokens", type=_POS, default=48, help="greedy tokens per judged answer (default 48)")
-    s.set_defaults(func=_cmd_analyze)
+    s.set_defaults(func=_cmd_analyze, analyze_parser=s)
 
     s = sub.add_parser("demo", help="the full protocol on the unaligned base and the aligned anchor, side by side in one report")
     s.add_argument("--base", "--model", dest="base", default=DEFAULT_MODEL, help=f"unaligned model (default: {DEFAULT_MODEL})")
@@ -462,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_check_sets(sub)
     _add_attack(sub)
+    from .cli_replay import add_transfer_parser
+
+    add_transfer_parser(sub)
     return p
 
 
