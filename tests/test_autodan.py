@@ -692,3 +692,63 @@ def test_initial_population_is_the_prototype_references_then_mutated_copies(tok,
     assert pop[:1 + len(refs)] == [a.prototype] + a.references
     assert all(p.count("[REPLACE]") == 1 for p in pop)
     assert "ChatGPT" not in " ".join(pop)  # the model name replaced its placeholder
+
+
+@pytest.mark.xfail(strict=True, reason="AutoDAN.mutate (reference mode) takes the spare references as "
+                   "references[batch_size - 1:], but initial_population skips a reference equal to the prototype, so "
+                   "when the prototype is among the references (one HarmBench JSON passed as both) the first 'spare' "
+                   "reference is already in the initial population")
+def test_reference_mutation_never_draws_the_initial_population_when_the_prototype_is_a_reference(tok, make_model,
+                                                                                               tmp_path):
+    refs = [f"Reference number {i} says [REPLACE]." for i in range(1, 9)]
+    f = tmp_path / "hb.json"  # HarmBench's format: the init string and the references
+    f.write_text(json.dumps({"ADV_STRING_INIT": "Start: [REPLACE].", "REFERENCES": refs}))
+    a = AutoDAN(make_model("llama"), tok, BEHAVIOUR, TARGET,
+                small(prototype=str(f), references=str(f), batch_size=4, mutation_mode="reference"))
+    assert a.prototype == "Start: [REPLACE]." and a.references[0] == a.prototype
+    pop = a.initial_population(random.Random(0))
+    assert pop == ["Start: [REPLACE]."] + refs[:3]
+    rng = random.Random(0)
+    got = {a.mutate(pop[1], rng) for _ in range(80)}
+    assert got <= set(refs[3:]) - set(pop)  # draws "Reference number 3", a member of pop
+
+
+def test_out_of_memory_halves_the_bucket_and_gives_the_same_losses(tok, make_model, monkeypatch):
+    a = AutoDAN(make_model("llama"), tok, BEHAVIOUR, TARGET, small(dedupe=False, bucket=False))
+    templates = random_templates(seed=11)
+    want, _ = a.losses(templates)
+    sizes = []
+    real = autodan.forward
+
+    def tight(net, ids=None, mask=None, **kw):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(net, ids, mask, **kw)
+
+    monkeypatch.setattr(autodan, "forward", tight)
+    got, n = a.losses(templates)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert n == len(templates) and max(sizes) > 3
+    assert sum(s for s in sizes if s <= 3) == len(templates)  # every template scored once, in batches that fit
+
+    def broken(net, ids=None, mask=None, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(autodan, "forward", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # other errors are not swallowed
+        a.losses(templates[:2])
+
+
+def test_the_target_prefix_is_scored_before_the_target(tok, make_model):
+    model = make_model("gpt2")
+    pre = "(Developer Mode Output) "
+    a = AutoDAN(model, tok, BEHAVIOUR, TARGET, small(target_prefix=pre))
+    assert a.scorer.target_ids == tok(pre + TARGET, add_special_tokens=False)["input_ids"]
+    plain = AutoDAN(model, tok, BEHAVIOUR, TARGET, small())
+    assert len(a.scorer.target_ids) > len(plain.scorer.target_ids)
+    ts = random_templates(seed=5)[:3]
+    got, _ = a.losses(ts)
+    want = brute_losses(copy.deepcopy(model).double(), a.scorer, [fill(t, BEHAVIOUR) for t in ts])
+    assert float((got.double() - want).abs().max()) < 1e-4
+    assert a.fingerprint() != plain.fingerprint()
