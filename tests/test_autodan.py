@@ -752,3 +752,98 @@ def test_the_target_prefix_is_scored_before_the_target(tok, make_model):
     want = brute_losses(copy.deepcopy(model).double(), a.scorer, [fill(t, BEHAVIOUR) for t in ts])
     assert float((got.double() - want).abs().max()) < 1e-4
     assert a.fingerprint() != plain.fingerprint()
+
+
+def test_roulette_draws_with_softmax_probabilities():
+    scores = [-1.0, 0.0, 1.0, -3.0]
+    n = 40_000
+    draws = autodan._roulette("abcd", scores, random.Random(0), k=n)
+    z = sum(math.exp(s) for s in scores)
+    for item, s in zip("abcd", scores):
+        p = math.exp(s) / z
+        assert abs(draws.count(item) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, item
+    assert set(autodan._roulette("ab", [1000.0, -1000.0], random.Random(1), k=50)) == {"a"}  # no overflow
+
+
+def test_elites_lead_and_hga_alternates_word_and_sentence_steps(tok, make_model, monkeypatch):
+    cfg = small(batch_size=10, num_elites=0.2, iter=3, crossover=1.0, mutation=0.0)
+    a = AutoDAN(make_model("llama"), tok, BEHAVIOUR, TARGET, cfg)
+    pop = a.initial_population(random.Random(0))
+    losses = [float(i % 7) + 0.1 * i for i in range(10)]
+    order = sorted(range(10), key=lambda i: losses[i])
+    calls = []
+    real_cx, real_ws = autodan.crossover, autodan.word_scores
+    monkeypatch.setattr(autodan, "crossover", lambda *x: calls.append("sentence") or real_cx(*x))
+    monkeypatch.setattr(autodan, "word_scores", lambda *x: calls.append("word") or real_ws(*x))
+    steps = []
+    for step in range(1, 8):
+        calls.clear()
+        new, wd = a.next_population(pop, losses, step, {}, random.Random(step))
+        assert len(new) == 10 and new[:2] == [pop[order[0]], pop[order[1]]]  # the 2 best, best first
+        steps.append(set(calls))
+    assert steps == [{"word"}, {"word"}, {"sentence"}, {"word"}, {"word"}, {"sentence"}, {"word"}]
+    ga = AutoDAN(make_model("llama"), tok, BEHAVIOUR, TARGET, dataclasses.replace(cfg, algorithm="ga"))
+    calls.clear()
+    ga.next_population(pop, losses, 1, {}, random.Random(0))
+    assert set(calls) == {"sentence"}  # GA: sentence level every step
+
+
+RESUME_STEPS = 8
+CHILD = """
+import os, pickle, sys, time
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch
+torch.set_num_threads(1)
+from pysafegeom.attacks.autodan import AutoDAN
+with open(sys.argv[1], "rb") as f:
+    model, tok, behavior, target, cfg = pickle.load(f)
+AutoDAN(model, tok, behavior, target, cfg).run(sys.argv[2], callback=lambda step, info: time.sleep(0.3))
+print("finished")
+"""
+
+
+def test_a_killed_attack_resumes_to_the_identical_result(tok, make_model, tmp_path):
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = make_model("qwen2")
+    cfg = small(**{**RESUME, "num_steps": RESUME_STEPS, "synonyms": "table"})
+    objs = tmp_path / "objs.pkl"
+    objs.write_bytes(pickle.dumps((model, tok, BEHAVIOUR, TARGET, cfg)))
+    out = tmp_path / "run"
+    state = out / autodan.STATE_FILE
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(objs), str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the attack ended before it was killed: {proc.communicate()}")
+            if state.is_file() and torch.load(state, weights_only=False)["step"] >= 3:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("the child wrote no state at step 3 within 180 s")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 3 <= killed_at < RESUME_STEPS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child: the same float sums
+    try:
+        resumed = AutoDAN(model, tok, BEHAVIOUR, TARGET, cfg).run(out, resume=True)
+        whole = AutoDAN(model, tok, BEHAVIOUR, TARGET, cfg).run(tmp_path / "whole")
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.resumed_from == killed_at
+    _same(resumed, whole)
+    assert len(whole.losses) == RESUME_STEPS
