@@ -323,3 +323,35 @@ def test_cli_original_takes_explicit_options(behaviours_file, fake_load, tmp_pat
                  str(tmp_path / "o"), "--original", "--population", "12", "--num-elites", "0.25", "--device",
                  "cpu"]) == 0
     assert seen[0] == AutoDANConfig.original(batch_size=12, num_elites=0.25)
+
+
+def test_cli_attack_adaptive_end_to_end(behaviours_file, fake_load, tmp_path, capsys):
+    out = tmp_path / "ad"
+    assert main(["attack", "adaptive", "--models", "tiny-a,tiny-b", "--behaviors", str(behaviours_file), "--out",
+                 str(out), "--subset", "1", "--methods", "gcg,autodan", "--steps", "2", "--width", "8", "--topk",
+                 "4", "--init", "x x x x", "--autodan-steps", "2", "--population", "6", "--no-check-refusal",
+                 "--synonyms", "table", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert fake_load == [("tiny-a", "cpu"), ("tiny-b", "cpu")]  # loaded one at a time, in order
+    chosen = json.loads((out / "subset.json").read_text())["behaviors"]
+    assert len(chosen) == 1
+    for name in ("tiny-a", "tiny-b"):
+        for method in ("gcg", "autodan"):
+            recs = TestCaseStore(out / _safe_id(name) / method).records()
+            assert [(r["id"], r["method"], r["source_model"]) for r in recs] == [(chosen[0], method, name)]
+            assert len(recs[0]["losses"]) == 2
+    assert capsys.readouterr().out.count("test cases in") == 4
+
+
+@pytest.mark.xfail(strict=True, reason="cli._cmd_attack_adaptive prints each summary with Path(args.out) / method, so "
+                   "the 'test cases in ...' path omits the model folder (OUT/<model>/<method>/) and names no real file")
+def test_cli_attack_adaptive_names_each_models_store(behaviours_file, tmp_path, monkeypatch, capsys):
+    def fake(models, behaviors, **kw):
+        return {m: {meth: {**FAKE_SUMMARY, "method": meth} for meth in kw["methods"]} for m in models}
+
+    monkeypatch.setattr(pipeline, "adaptive", fake)
+    out = tmp_path / "ad"
+    assert main(["attack", "adaptive", "--models", "tiny-a,tiny-b", "--behaviors", str(behaviours_file), "--out",
+                 str(out), "--device", "cpu"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "test cases in" in ln]
+    want = [out / _safe_id(n) / m / "test_cases.json" for n in ("tiny-a", "tiny-b") for m in ("gcg", "autodan")]
+    assert [ln.rsplit("test cases in ", 1)[1] for ln in lines] == [str(w) for w in want]
