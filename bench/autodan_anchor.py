@@ -2,7 +2,7 @@
 bench/gcg_anchor.py (the same seeded draw), so the two methods' test cases cover the same behaviours.
 
 HarmBench's AutoDAN settings (population 64, 10% elites, crossover 0.5, 5 points, mutation 0.01, refusal
-check every 5 generations) with HGA (iter 5), at most --steps generations; the public AutoDAN initial
+check every 5 generations) with HGA (iter 5), at most --steps generations (25 here: five refusal checks, to fit a 2-core session; HarmBench runs 100); the public AutoDAN initial
 prompt and its 500 reference paraphrases (../shared/data/autodan, MIT); synonym mutation (shipped table +
 embedding neighbours); judged by the substring judge on a 64-token greedy answer, beside the direct request.
 Resumable: rerun the same command.
@@ -59,7 +59,7 @@ def behaviours(n: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "autodan_anchor"))
     ap.add_argument("--model", default="smollm2-135m-safety")

@@ -163,13 +163,15 @@ def _autodan_config(args):
 
     base = AutoDANConfig.original() if args.original else AutoDANConfig()
     kw = dict(algorithm=args.algorithm, num_steps=args.autodan_steps if hasattr(args, "autodan_steps") else args.steps,
-              eval_steps=args.eval_steps, num_elites=args.num_elites, crossover=args.crossover,
+              eval_steps=args.eval_steps, crossover=args.crossover,
               num_points=args.num_points, mutation=args.mutation, iter=args.iter,
               eval_with_check_refusal=not args.no_check_refusal, prototype=args.prototype, references=args.references,
               mutation_mode=args.mutation_mode, synonyms=args.synonyms, mutator=args.mutator, template=args.template,
               system=args.system, seed=args.seed)
     if args.population is not None:
         kw["batch_size"] = args.population
+    if args.num_elites is not None:  # else the default's (0.1) or, with --original, the paper's (0.05)
+        kw["num_elites"] = args.num_elites
     from dataclasses import replace
 
     return replace(base, **kw).check()
@@ -241,10 +243,12 @@ def _cmd_attack_adaptive(args) -> int:
     res = adaptive(models, behaviors, out=args.out, subset=args.subset, methods=methods, gcg=gcg, autodan=ad,
                    judges=judges, max_new_tokens=args.max_new_tokens, seed=args.seed, resume=not args.overwrite,
                    overwrite=args.overwrite, load=load)
+    from .pipelines.attack import _safe_id
+
     for name, per in res.items():
         for m, summary in per.items():
             print(f"{name}: ", end="")
-            _attack_summary_line(summary, Path(args.out) / m)
+            _attack_summary_line(summary, Path(args.out) / _safe_id(str(name)) / m)
     return 0
 
 
@@ -275,7 +279,7 @@ def _autodan_args(g, steps_flag: str = "--steps") -> None:
     g.add_argument("--original", action="store_true", help="the paper's settings (population 256, 5%% elites)")
     g.add_argument("--eval-steps", type=_POS, default=5, help="refusal check every N generations (default 5)")
     g.add_argument("--no-check-refusal", action="store_true", help="never stop early on a non-refused answer")
-    g.add_argument("--num-elites", type=frac, default=0.1, help="share of elites kept (default 0.1)")
+    g.add_argument("--num-elites", type=frac, default=None, help="share of elites kept (default 0.1; --original: 0.05)")
     g.add_argument("--crossover", type=frac, default=0.5, help="crossover probability (default 0.5)")
     g.add_argument("--num-points", type=_POS, default=5, help="crossover points (default 5)")
     g.add_argument("--mutation", type=frac, default=0.01, help="mutation probability (default 0.01)")

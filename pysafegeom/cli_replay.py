@@ -25,11 +25,32 @@ def _list(text: str) -> list[str]:
     return items
 
 
-def build_judges(specs, *, model=None, tokenizer=None, device=None, dtype=None) -> list | None:
-    """Judges named by ``--judge`` specs (None: the default). Uses
-    :func:`pysafegeom.behaviour.judge_spec.judges_from_specs` where it exists, else knows ``substring`` and ``xstest``."""
+def default_specs() -> tuple[str, ...]:
+    """The judges of the attack, replay and transfer commands without ``--judge``: the substring judge (it
+    decides) plus the local model judge (the model under test, the default classifier prompt)."""
+    from .behaviour.judge_spec import DEFAULT_JUDGE_SPECS
+
+    return tuple(DEFAULT_JUDGE_SPECS)
+
+
+def build_judges(specs, *, model=None, tokenizer=None, device=None, dtype=None, default: bool = True) -> list | None:
+    """Judges named by ``--judge`` specs; none given: :func:`default_specs` (``default=False``: None, the
+    library default). Uses :func:`pysafegeom.behaviour.judge_spec.judges_from_specs` where it exists, else
+    knows ``substring`` and ``xstest``."""
     if not specs:
-        return None
+        if not default or model is None:
+            return None
+        from .behaviour.judge_spec import judges_from_specs
+        from .errors import InvalidArgument
+
+        try:
+            return judges_from_specs(default_specs(), model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+        except InvalidArgument as exc:  # e.g. a tokenizer that cannot spell distinct yes/no answers
+            import sys
+
+            print(f"note: the local model judge is off for this model ({exc}); judging by substring only",
+                  file=sys.stderr)
+            return judges_from_specs(default_specs()[:1])
     try:
         from .behaviour.judge_spec import judges_from_specs
     except ImportError:
@@ -60,8 +81,8 @@ def _common(p, pos, dev, dt) -> None:
     p.add_argument("--max-new-tokens", type=pos, default=64,
                    help="greedy tokens per answer (default 64, recorded in the summary; HarmBench uses 512)")
     p.add_argument("--judge", action="append", default=None, metavar="SPEC",
-                   help="a judge (repeatable; the first decides): substring (default), xstest, or any spec of "
-                        "pysafegeom.behaviour.judge_spec")
+                   help="a judge (repeatable; the first decides): substring, xstest, model (the target model as a "
+                        "local judge), model:SPEC[:preset=NAME], harmbench:SPEC (default: substring, then model)")
     p.add_argument("--template", default=None, help="chat template (default: the tokenizer's own; or a name or Jinja)")
     p.add_argument("--system", default=None, help="optional system prompt")
     p.add_argument("--batch-size", type=pos, default=16, help="prompts per generation batch (default 16)")
@@ -103,7 +124,7 @@ def cmd_transfer(args) -> int:
 
     from .attacks.transfer import ALL, matrix_text, transfer
 
-    if _needs_target(args.judge):
+    if not args.judge or _needs_target(args.judge):
         def judges(model, tok):
             return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
     else:

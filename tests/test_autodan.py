@@ -694,10 +694,6 @@ def test_initial_population_is_the_prototype_references_then_mutated_copies(tok,
     assert "ChatGPT" not in " ".join(pop)  # the model name replaced its placeholder
 
 
-@pytest.mark.xfail(strict=True, reason="AutoDAN.mutate (reference mode) takes the spare references as "
-                   "references[batch_size - 1:], but initial_population skips a reference equal to the prototype, so "
-                   "when the prototype is among the references (one HarmBench JSON passed as both) the first 'spare' "
-                   "reference is already in the initial population")
 def test_reference_mutation_never_draws_the_initial_population_when_the_prototype_is_a_reference(tok, make_model,
                                                                                                tmp_path):
     refs = [f"Reference number {i} says [REPLACE]." for i in range(1, 9)]

@@ -305,8 +305,6 @@ FAKE_SUMMARY = {"method": "autodan", "n": 2, "asr": 0.0, "asr_ci95": (0.0, 1.0),
                 "direct_asr_ci95": (0.0, 1.0), "judge": "substring"}
 
 
-@pytest.mark.xfail(strict=True, reason="cli._autodan_config: --original starts from AutoDANConfig.original() but then "
-                   "always applies num_elites=args.num_elites, whose argparse default 0.1 overwrites the paper's 0.05")
 def test_cli_original_keeps_the_papers_elite_share(behaviours_file, fake_load, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(pipeline, "attack_behaviors", lambda m, t, b, cfg, **kw: seen.append(cfg) or FAKE_SUMMARY)
@@ -342,8 +340,6 @@ def test_cli_attack_adaptive_end_to_end(behaviours_file, fake_load, tmp_path, ca
     assert capsys.readouterr().out.count("test cases in") == 4
 
 
-@pytest.mark.xfail(strict=True, reason="cli._cmd_attack_adaptive prints each summary with Path(args.out) / method, so "
-                   "the 'test cases in ...' path omits the model folder (OUT/<model>/<method>/) and names no real file")
 def test_cli_attack_adaptive_names_each_models_store(behaviours_file, tmp_path, monkeypatch, capsys):
     def fake(models, behaviors, **kw):
         return {m: {meth: {**FAKE_SUMMARY, "method": meth} for meth in kw["methods"]} for m in models}

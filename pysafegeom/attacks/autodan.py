@@ -703,7 +703,7 @@ class AutoDAN:
     def mutate(self, t: str, rng: random.Random) -> str:
         mode = self.cfg.mutation_mode
         if mode == "reference":
-            spare = self.references[self.cfg.batch_size - 1:]
+            spare = [r for r in self.references if r != self.prototype][self.cfg.batch_size - 1:]  # not in the start
             return rng.choice(spare) if spare else self._mutate_synonym(t, rng)
         if mode == "model":
             return self._mutate_model(t, rng)
