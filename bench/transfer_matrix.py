@@ -97,7 +97,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=["attack", "transfer", "all"], default="all")
     ap.add_argument("--subset", type=int, default=6)
-    ap.add_argument("--gcg-steps", type=int, default=40)
+    ap.add_argument("--gcg-steps", type=int, default=30)
     ap.add_argument("--autodan-steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true")
