@@ -177,6 +177,9 @@ def test_adaptive_runs_each_method_against_each_model_and_resumes(model, model_b
             assert [r["id"] for r in recs] == [b.id for b in picked]
             assert {r["method"] for r in recs} == {method} and {r["source_model"] for r in recs} == {name}
             assert res[name][method]["n"] == 2 and res[name][method]["method"] == method
+        both = TestCaseStore(out / _safe_id(name))  # one store per model, holding every method's cases
+        assert both.methods() == ["gcg", "autodan"] and len(both) == 2 * len(picked)
+        assert {(r["id"], r["method"]) for r in both.records()} == {(b.id, m) for b in picked for m in ("gcg", "autodan")}
         ad = TestCaseStore(out / _safe_id(name) / "autodan").records()
         for b, r in zip(picked, ad):  # each model's AutoDAN store holds its own attack
             single = AutoDAN(m, tok, b.text, b.meta["target"], CFG)
@@ -189,7 +192,7 @@ def test_adaptive_runs_each_method_against_each_model_and_resumes(model, model_b
                      judges=[LockJudge()], max_new_tokens=NEW, seed=99, progress=False)
     assert runs == []  # everything finished: nothing attacked again, the subset kept (seed 99 ignored)
     assert json.loads((out / "subset.json").read_text()) == chosen
-    assert {p: p.read_bytes() for p in out.rglob("records.jsonl")} == before and len(before) == 4
+    assert {p: p.read_bytes() for p in out.rglob("records.jsonl")} == before and len(before) == 6  # 2 per-method + 1 per model, x2
     assert {n: {m: s["n"] for m, s in per.items()} for n, per in again.items()} == \
         {n: {m: s["n"] for m, s in per.items()} for n, per in res.items()}
 

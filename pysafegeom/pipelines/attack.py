@@ -145,7 +145,7 @@ def _check_behaviors(behaviors) -> list[Prompt]:
 def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGConfig | AutoDANConfig | None = None, *,
                      out: str | Path, universal: bool = False, resume: bool = False, overwrite: bool = False,
                      judge=None, judges=None, max_new_tokens: int = 64, source: str | None = None,
-                     progress: bool = True, mutator=None) -> dict:
+                     progress: bool = True, mutator=None, also_store: str | Path | None = None) -> dict:
     """GCG or AutoDAN (by the type of ``config``; default GCG) against each behaviour (``meta["target"]`` is
     its target), judged; returns the summary.
 
@@ -153,7 +153,9 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
     one at a time). ``source``: the model's name for the records (default: its class). ``judges``: a list
     of objects with ``judge(prompts, responses)``, the first deciding success ("not refused"); ``judge``:
     one judge (the older keyword). ``max_new_tokens``: the judged generation. ``mutator``: AutoDAN's
-    rewrite model as a loaded ``(model, tokenizer)`` pair (else ``config.mutator``).
+    rewrite model as a loaded ``(model, tokenizer)`` pair (else ``config.mutator``). ``also_store``: a
+    second test-case store folder every finished behaviour's records are added to as well (one store
+    holding several methods' cases, as :func:`adaptive` keeps per model).
     """
     from ..behaviour import SubstringJudge
 
@@ -262,6 +264,8 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
                       "category": b.category, "universal": universal, "max_new_tokens": max_new_tokens})
         records = [r for r in records if r["id"] not in {b.id for b in g}] + new
         store.add(new)
+        if also_store is not None:
+            TestCaseStore(also_store).add(new)
         summary = summarize(records)
         atomic_write_text(out / "summary.json", json.dumps(json_safe({**run_info, **summary}), indent=1) + "\n")
         atomic_write_text(out / "loss_curves.svg", loss_curves_svg(records, title=title))
@@ -310,8 +314,10 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
 
     ``models``: load_model specs (loaded one at a time) or ``(name, model, tokenizer)`` triples. The subset
     is drawn once with ``seed`` (all behaviours when ``subset`` >= their number) and written to
-    ``out/subset.json``. Each model gets one store, ``out/<model name>/<method>/`` (an
-    :func:`attack_behaviors` folder), resumable per (model, behaviour). Returns ``{model: {method: summary}}``.
+    ``out/subset.json``. Each model gets one test-case store holding every method's cases,
+    ``out/<model name>/`` (``records.jsonl``, ``test_cases.json``...), and one :func:`attack_behaviors` run
+    folder per method, ``out/<model name>/<method>/`` (its run, summary, states and its own store),
+    resumable per (model, behaviour). Returns ``{model: {method: summary}}``.
     """
     import random
 
@@ -357,7 +363,10 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
             d = out / folder / m
             results[name][m] = attack_behaviors(model, tok, pick, cfg, out=d, judges=judges, max_new_tokens=max_new_tokens,
                                                 source=str(name), resume=resume and d.exists(), overwrite=overwrite,
-                                                progress=progress)
+                                                progress=progress, also_store=out / folder)
+            done = TestCaseStore(d).records()  # a resumed run's earlier behaviours too
+            if done:
+                TestCaseStore(out / folder).add(done)
         if isinstance(spec, str):
             del model, tok
     atomic_write_text(out / "adaptive.json", json.dumps(json_safe(results), indent=1) + "\n")
