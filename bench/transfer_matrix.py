@@ -82,6 +82,10 @@ def stage_transfer(args) -> None:
 
     targets = [_load(n) for n in MODELS]
     m = transfer(sources, targets, out=OUT, judges=judges, max_new_tokens=64, resume=True, progress=True)
+    from pysafegeom.attacks.transfer import ALL, heatmap_svg
+
+    for meth in [*m["methods"], ALL]:  # the report's pictures, one file each (transfer.html has them all)
+        (OUT / f"heatmap_{meth.replace(':', '_')}.svg").write_text(heatmap_svg(m, meth), encoding="utf-8")
     report_matrix(m)
 
 
