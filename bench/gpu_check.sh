@@ -13,6 +13,8 @@
 #      few timings                                                                            -> extra.log
 #   4. the generic backend suite on the GPU: cuda and triton vs the reference                 -> pytest.log
 #   5. bench/ops.py --device cuda, if present                                                  -> bench.log
+#   6c. AutoDAN: scoring equality on CUDA (5 archs), throughput at population 64/256 in bf16 vs the
+#      reference and HarmBench's padded way (bench/autodan_gpu.py); tests/test_autodan.py   -> autodan.log
 #   6b. GCG: equality to brute force on CUDA (5 archs), one step at width 512 in bf16 on a
 #      SmolLM2-shaped and a Llama-3.2-1B-shaped model (bench/gcg_gpu.py); tests/test_gcg.py    -> gcg.log
 #   6. compute-sanitizer memcheck over every CUDA op at small sizes, if time is left            -> sanitizer.log
@@ -337,6 +339,24 @@ elif run_step gcg-tests "$OUT/gcg_tests.log" "$(cap 120)" "$PY" -m pytest -q -x 
   note gcg-tests PASS $((SECONDS - t0)) "$(tail -1 "$OUT/gcg_tests.log")"
 else
   note gcg-tests FAIL $((SECONDS - t0)) "see gcg_tests.log"
+fi
+
+# --- 6c. AutoDAN on the GPU: scoring equality on CUDA (5 archs), throughput vs the reference and HarmBench's way ---
+t0=$SECONDS
+if [ "$(left)" -lt 90 ] || [ ! -f bench/autodan_gpu.py ]; then
+  note autodan SKIP 0 "not enough of the time budget left ($(left)s) or no bench/autodan_gpu.py"
+elif run_step autodan "$OUT/autodan.log" "$(cap 180)" "$PY" bench/autodan_gpu.py ${GPU_CHECK_QUICK:+--quick}; then
+  note autodan PASS $((SECONDS - t0)) "$(grep -c '^PASS' "$OUT/autodan.log") equality checks; $(grep -E 'shape' "$OUT/autodan.log" | tr -s ' ' | paste -sd';' -)"
+else
+  note autodan FAIL $((SECONDS - t0)) "see autodan.log"
+fi
+t0=$SECONDS
+if [ "$(left)" -lt 90 ] || [ ! -f tests/test_autodan.py ]; then
+  note autodan-tests SKIP 0 "no time left or no tests/test_autodan.py"
+elif run_step autodan-tests "$OUT/autodan_tests.log" "$(cap 120)" "$PY" -m pytest -q -x tests/test_autodan.py -m "not real_model"; then
+  note autodan-tests PASS $((SECONDS - t0)) "$(tail -1 "$OUT/autodan_tests.log")"
+else
+  note autodan-tests FAIL $((SECONDS - t0)) "see autodan_tests.log"
 fi
 
 # --- 6. compute-sanitizer memcheck (each tensor its own allocation, so out-of-bounds accesses show) ----
