@@ -64,6 +64,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "autodan_anchor"))
     ap.add_argument("--model", default="smollm2-135m-safety")
     ap.add_argument("--report", action="store_true", help="print the table of finished behaviours and exit")
+    ap.add_argument("--slice", default=None, help="attack only behaviours[a:b] of the draw (a second process on "
+                    "another core takes another slice into another --out; merge the stores afterwards)")
     args = ap.parse_args()
     if args.report:
         return report(pathlib.Path(args.out))
@@ -74,6 +76,9 @@ def main() -> int:
     from pysafegeom.pipelines.attack import attack_behaviors
 
     beh = behaviours(args.n)
+    if args.slice:
+        a, b = (int(x) if x else None for x in args.slice.split(":"))
+        beh = beh[a:b]
     model, tok = load_model(args.model)
     ad = DATA / "autodan"
     cfg = AutoDANConfig(num_steps=args.steps, prototype=str(ad / "autodan_initial_prompt.txt"),
