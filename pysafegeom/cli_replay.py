@@ -101,6 +101,9 @@ def _print_summary(summary: dict) -> None:
     for m, r in summary["per_method"].items():
         print(f"  {m:<24} ASR {fmt_rate(r)}")
     print(f"  {'overall':<24} ASR {fmt_rate(summary['overall'])}")
+    for j, r in (summary.get("per_judge") or {}).items():
+        if j != summary["primary_judge"]:
+            print(f"  {'judged by ' + j:<24} ASR {fmt_rate(r)} (recorded; {summary['primary_judge']} decides)")
 
 
 def cmd_replay(args) -> int:
@@ -112,7 +115,7 @@ def cmd_replay(args) -> int:
     judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
     summary = replay(args.cases, model, tok, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
                      template=args.template, system=args.system, batch_size=args.batch_size,
-                     target_name=args.name or None, resume=not args.no_resume, overwrite=args.overwrite)
+                     target_name=args.name or args.model, resume=not args.no_resume, overwrite=args.overwrite)
     _print_summary(summary)
     print(f"results: {args.out}/results.json, summary: {args.out}/summary.json")
     return 0
