@@ -56,8 +56,10 @@ def stage_attack(args) -> None:
     gcg = GCGConfig(num_steps=args.gcg_steps, search_width=64, topk=64, early_stop=True, seed=0, progress=False)
     autodan = AutoDANConfig(num_steps=args.autodan_steps, prototype=str(ad / "autodan_initial_prompt.txt"),
                             references=str(ad / "prompt_group_hp.json"), seed=0, progress=False)
-    res = adaptive([_load(n) for n in ("smollm2-135m-instruct", "sft-checkpoint-100")], beh, out=OUT / "adaptive",
-                   subset=args.subset, gcg=gcg, autodan=autodan, resume=True, progress=True)
+    names = args.models.split(",")
+    out = OUT / ("adaptive" if args.out_name is None else args.out_name)
+    res = adaptive([_load(n) for n in names], beh, out=out, subset=args.subset, gcg=gcg, autodan=autodan,
+                   resume=True, progress=True)
     print(json.dumps({name: {m: {k: s[k] for k in ("n", "asr", "asr_ci95", "direct_asr")} for m, s in r.items()}
                       for name, r in res.items()}, indent=1), flush=True)
 
@@ -73,7 +75,7 @@ def stage_transfer(args) -> None:
     if len(direct) == 0:
         direct.add(direct_records(behaviours(20)))
     sources = [ROOT / "bench" / "gcg_anchor", ROOT / "bench" / "autodan_anchor", OUT / "direct"]
-    sources += sorted(p for p in (OUT / "adaptive").glob("*/*") if (p / "records.jsonl").is_file())
+    sources += sorted(p for p in OUT.glob("adaptive*/*/*") if (p / "records.jsonl").is_file())
     sources = [p for p in sources if (p / "records.jsonl").is_file() and len(TestCaseStore(p)) > 0]
     print("sources:", *[str(p.relative_to(ROOT)) for p in sources], sep="\n  ", flush=True)
 
@@ -104,6 +106,9 @@ def main() -> int:
     ap.add_argument("--gcg-steps", type=int, default=30)
     ap.add_argument("--autodan-steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="smollm2-135m-instruct,sft-checkpoint-100",
+                    help="the adaptive stage's models (names of MODELS), comma-separated")
+    ap.add_argument("--out-name", default=None, help="the adaptive stage's folder under bench/transfer (default adaptive)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
