@@ -16,9 +16,10 @@ with a smaller budget (GCG ``--gcg-steps`` steps, width 64, top-k 64, early stop
 
     python bench/transfer_matrix.py --stage attack     # the adaptive attacks on base and checkpoint (resumable)
     python bench/transfer_matrix.py --stage transfer   # replay whatever stores are finished, write the matrix
-    python bench/transfer_matrix.py --report           # print the matrix from bench/transfer/matrix.json
+    python bench/transfer_matrix.py --report           # print the matrix from bench/transfer/matrix/matrix.json
 
-Writes bench/transfer/ (adaptive/, direct/, replay/<target>/, matrix.json, transfer.html).
+Writes bench/transfer/: adaptive/ and adaptive_ckpt/ (the attack stores), direct/ (the direct requests),
+matrix/ (replay/<target>/, matrix.json, transfer.html, heatmap_*.svg).
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def stage_transfer(args) -> None:
         return judges_from_specs(["substring", "model"], model=model, tokenizer=tok)
 
     targets = [_load(n) for n in MODELS]
-    m = transfer(sources, targets, out=OUT, judges=judges, max_new_tokens=64, resume=True, progress=True)
+    m = transfer(sources, targets, out=OUT / "matrix", judges=judges, max_new_tokens=64, resume=True, progress=True)
     from pysafegeom.attacks.transfer import ALL, heatmap_svg
 
     for meth in [*m["methods"], ALL]:  # the report's pictures, one file each (transfer.html has them all)
-        (OUT / f"heatmap_{meth.replace(':', '_')}.svg").write_text(heatmap_svg(m, meth), encoding="utf-8")
+        (OUT / "matrix" / f"heatmap_{meth.replace(':', '_')}.svg").write_text(heatmap_svg(m, meth), encoding="utf-8")
     report_matrix(m)
 
 
@@ -112,7 +113,7 @@ def main() -> int:
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
-        report_matrix(json.loads((OUT / "matrix.json").read_text()))
+        report_matrix(json.loads((OUT / "matrix" / "matrix.json").read_text()))
         return 0
     torch.set_num_threads(args.threads)
     if args.stage in ("attack", "all"):
