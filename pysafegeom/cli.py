@@ -233,9 +233,8 @@ def _cmd_attack_adaptive(args) -> int:
     behaviors = load_behaviors(args.behaviors, args.targets)
     gcg = _gcg_config(args)
     ad = _autodan_config(args)
-    judges = None
-    if args.judge:
-        judges = build_judges(args.judge, device=args.device)
+    def judges(model, tok):  # per model: the local model judge is the attacked model itself
+        return build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
 
     def load(spec):
         return load_model(spec, device=args.device)
@@ -295,9 +294,8 @@ def _autodan_args(g, steps_flag: str = "--steps") -> None:
                    "default: the attacked model)")
 
 
-def _attack_common(g, judge: bool = True) -> None:
-    from .models import DEFAULT_MODEL
-
+def _attack_common(g) -> None:
+    """The options every attack command shares: behaviours, output, chat format, judging, device."""
     g.add_argument("--behaviors", required=True, help="behaviours: a HarmBench CSV, an AdvBench CSV (goal, target), or "
                    "a CSV/JSONL table with a prompt column and a target column")
     g.add_argument("--targets", default=None, help="HarmBench's targets JSON (BehaviorID -> target); needed for a HarmBench CSV")
@@ -313,7 +311,6 @@ def _attack_common(g, judge: bool = True) -> None:
                         "model as a local judge), model:SPEC[:preset=NAME], harmbench:SPEC")
     g.add_argument("--overwrite", action="store_true", help="replace an attack already in --out")
     g.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
-    _ = DEFAULT_MODEL
 
 
 def _add_attack(sub) -> None:

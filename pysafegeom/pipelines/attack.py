@@ -317,7 +317,8 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     ``out/subset.json``. Each model gets one test-case store holding every method's cases,
     ``out/<model name>/`` (``records.jsonl``, ``test_cases.json``...), and one :func:`attack_behaviors` run
     folder per method, ``out/<model name>/<method>/`` (its run, summary, states and its own store),
-    resumable per (model, behaviour). Returns ``{model: {method: summary}}``.
+    resumable per (model, behaviour). ``judges``: a list, or a callable ``(model, tokenizer) -> list`` for
+    judges that use each attacked model (the local model judge). Returns ``{model: {method: summary}}``.
     """
     import random
 
@@ -358,10 +359,11 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
         else:
             _, model, tok = spec
         results[name] = {}
+        js = judges(model, tok) if callable(judges) and not isinstance(judges, (list, tuple)) else judges
         for m in methods:
             cfg = (gcg or GCGConfig()) if m == "gcg" else (autodan or AutoDANConfig())
             d = out / folder / m
-            results[name][m] = attack_behaviors(model, tok, pick, cfg, out=d, judges=judges, max_new_tokens=max_new_tokens,
+            results[name][m] = attack_behaviors(model, tok, pick, cfg, out=d, judges=js, max_new_tokens=max_new_tokens,
                                                 source=str(name), resume=resume and d.exists(), overwrite=overwrite,
                                                 progress=progress, also_store=out / folder)
             done = TestCaseStore(d).records()  # a resumed run's earlier behaviours too
