@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-BUILTIN_JUDGES = ("substring", "xstest")
 
 
 def _types():
@@ -34,9 +33,8 @@ def default_specs() -> tuple[str, ...]:
 
 
 def build_judges(specs, *, model=None, tokenizer=None, device=None, dtype=None, default: bool = True) -> list | None:
-    """Judges named by ``--judge`` specs; none given: :func:`default_specs` (``default=False``: None, the
-    library default). Uses :func:`pysafegeom.behaviour.judge_spec.judges_from_specs` where it exists, else
-    knows ``substring`` and ``xstest``."""
+    """Judges named by ``--judge`` specs (:func:`pysafegeom.behaviour.judge_spec.judges_from_specs`); none
+    given: :func:`default_specs` (``default=False`` or no model: None, the library default)."""
     if not specs:
         if not default or model is None:
             return None
@@ -51,28 +49,14 @@ def build_judges(specs, *, model=None, tokenizer=None, device=None, dtype=None, 
             print(f"note: the local model judge is off for this model ({exc}); judging by substring only",
                   file=sys.stderr)
             return judges_from_specs(default_specs()[:1])
-    try:
-        from .behaviour.judge_spec import judges_from_specs
-    except ImportError:
-        judges_from_specs = None
-    if judges_from_specs is not None:
-        return judges_from_specs(specs, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
-    from .behaviour.judges import SubstringJudge, XSTestJudge
-    from .errors import InvalidArgument
+    from .behaviour.judge_spec import judges_from_specs
 
-    out = []
-    for s in specs:
-        if s not in BUILTIN_JUDGES:
-            raise InvalidArgument(f"unknown judge {s!r}; choose from {', '.join(BUILTIN_JUDGES)}")
-        out.append(SubstringJudge() if s == "substring" else XSTestJudge())
-    return out
+    return judges_from_specs(specs, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def _needs_target(specs) -> bool:
-    try:
-        from .behaviour.judge_spec import parse_judge_spec
-    except ImportError:
-        return False
+    from .behaviour.judge_spec import parse_judge_spec
+
     return any(parse_judge_spec(s).needs_model_under_test for s in specs or [])
 
 
@@ -154,7 +138,7 @@ def add_replay_parser(attack_subparsers) -> argparse.ArgumentParser:
         epilog="example: pysafegeom attack replay --cases bench/gcg_anchor --model smollm2-135m-instruct --out runs/replay")
     p.add_argument("--cases", required=True, type=_list, help="test-case folders or files, comma-separated")
     p.add_argument("--model", required=True, help="target model: folder, .gguf file or registered name")
-    p.add_argument("--name", default=None, help="the target's name in the outputs (default: its folder name)")
+    p.add_argument("--name", default=None, help="the target's name in the outputs (default: the --model spec)")
     _common(p, pos, dev, dt)
     p.set_defaults(func=cmd_replay)
     return p

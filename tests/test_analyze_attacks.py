@@ -10,7 +10,7 @@ import torch
 from pysafegeom.behaviour import Verdict
 from pysafegeom.errors import DataOverlap
 from pysafegeom.models import ModelAdapter, tiny_model
-from pysafegeom.pipelines.analyze import _attack_cases, _read_case_folder, analyze
+from pysafegeom.pipelines.analyze import _attack_cases, analyze
 from pysafegeom.pipelines.reopen import Reopen, reopen_attacks
 
 from test_analysis import HARMFUL, HARMLESS, XS
@@ -75,23 +75,28 @@ def test_store_records_are_read(tmp_path):
     assert _attack_cases(str(tmp_path / "p.txt")) is None
 
 
-def test_fallback_reader_old_gcg_and_harmbench_layouts(tmp_path):
+def test_old_gcg_and_harmbench_layouts_open_as_cases(tmp_path):
+    """The folders earlier versions wrote: GCG records naming the behaviour ``instruction`` with the method in
+    ``run.json``, and a bare HarmBench test_cases.json (no behaviour texts)."""
     old = tmp_path / "old"
     old.mkdir()
     (old / "run.json").write_text(json.dumps({"method": "gcg"}))
-    (old / "records.jsonl").write_text(json.dumps({"id": "x", "instruction": "Do X", "test_case": "Do X !!"}) + "\n")
-    (r,) = _read_case_folder(old)
+    rec = {"id": "x", "instruction": "Do X", "test_case": "Do X !!", "source_model": "m", "source_model_hash": "h",
+           "target": "Sure", "losses": [1.0], "config": {}}
+    (old / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    (r,) = _attack_cases(old)
     assert (r["behavior"], r["method"], r["test_case"]) == ("Do X", "gcg", "Do X !!")
     hb = tmp_path / "hb"
     hb.mkdir()
     (hb / "test_cases.json").write_text(json.dumps({"b1": ["t1", "t2"], "b2": ["t3"]}))
-    rs = _read_case_folder(hb)
+    rs = _attack_cases(hb)
     assert [(x["id"], x["test_case"], x["behavior"], x["method"]) for x in rs] == \
         [("b1", "t1", None, "unknown"), ("b1", "t2", None, "unknown"), ("b2", "t3", None, "unknown")]
-    assert _read_case_folder(hb / "test_cases.json") == rs
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no test cases"):
-        _read_case_folder(tmp_path / "empty")
+    from pysafegeom.attacks.store import StoreError
+
+    with pytest.raises(StoreError, match="holds no test cases"):
+        _attack_cases(tmp_path / "empty")
 
 
 def _reopen(model, tok, carriers, **kw):

@@ -245,57 +245,15 @@ def _is_case_store(attacks) -> bool:
     return p.is_dir() or (p.is_file() and p.name in ("records.jsonl", "test_cases.json"))
 
 
-def _read_case_folder(path) -> list[dict]:
-    """A test-case folder read without :mod:`pysafegeom.attacks.store`: ``records.jsonl`` (old GCG records name the
-    behaviour ``instruction`` and the method in ``run.json``) or HarmBench's ``test_cases.json`` (no behaviour texts)."""
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    run = {}
-    if (folder / "run.json").is_file():
-        try:
-            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            run = {}
-    records_file = folder / "records.jsonl" if p.is_dir() or p.name == "records.jsonl" else None
-    out = []
-    if records_file is not None and records_file.is_file():
-        for i, line in enumerate(records_file.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as exc:
-                raise InputFileError(f"{records_file}, line {i + 1}: not JSON ({exc})") from exc
-            if not isinstance(r, dict) or not isinstance(r.get("test_case"), str) or not r["test_case"].strip():
-                raise InputFileError(f"{records_file}, line {i + 1}: a record needs a non-empty test_case string")
-            out.append({**r, "behavior": r.get("behavior") or r.get("instruction"),
-                        "method": r.get("method") or run.get("method") or "unknown"})
-        return out
-    tc = folder / "test_cases.json" if p.is_dir() else p
-    if not tc.is_file():
-        raise MissingFile(f"{p} holds no test cases: expected records.jsonl or test_cases.json")
-    try:
-        d = json.loads(tc.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputFileError(f"{tc}: not JSON ({exc})") from exc
-    if not isinstance(d, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in d.values()):
-        raise InputFileError(f"{tc} is not a HarmBench test_cases.json ({{behavior_id: [test case strings]}})")
-    return [{"id": bid, "behavior": None, "method": run.get("method") or "unknown", "test_case": t,
-             "source_model": run.get("source_model")} for bid, ts in d.items() for t in ts]
-
-
 def _attack_cases(attacks) -> list[dict] | None:
     """The records of a test-case store (``id``, ``behavior``, ``method``, ``test_case``, ...), or None when
     ``attacks`` is a plain prompt list or prompts file (the old behaviour)."""
     if attacks is None or not _is_case_store(attacks):
         return None
-    try:
-        from ..attacks.store import open_cases
-    except ImportError:
-        if hasattr(attacks, "records") and not isinstance(attacks, (str, os.PathLike)):
-            records = attacks.records()
-        else:
-            records = _read_case_folder(attacks)
+    from ..attacks.store import open_cases
+
+    if hasattr(attacks, "records") and not isinstance(attacks, (str, os.PathLike)):
+        records = attacks.records()
     else:
         records = open_cases(attacks).records()
     records = [dict(r) for r in records]
