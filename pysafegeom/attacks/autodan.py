@@ -56,7 +56,6 @@ loss memo) atomically to ``autodan_state.pt`` and ``resume=True`` reaches the id
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import random
@@ -70,10 +69,10 @@ import torch
 
 from .. import ops
 from .. import validate as V
-from .._io import atomic_write_bytes
-from ..errors import InvalidType, OutputExists
+from ..errors import InvalidType
 from ..models.forward import forward
-from .gcg import AttackError, _cache_tensors, _cache_view, _is_oom, _out_cache, model_hash, plain_head
+from .gcg import (AttackError, _cache_tensors, _cache_view, _is_oom, _out_cache, load_state, model_hash, plain_head,
+                  save_state, state_folder)
 
 STATE_FILE = "autodan_state.pt"
 STATE_VERSION = 1
@@ -783,21 +782,14 @@ class AutoDAN:
         return h.hexdigest()[:16]
 
     def _save(self, out: Path, st: dict) -> None:
-        buf = io.BytesIO()
-        torch.save({**st, "version": STATE_VERSION, "fingerprint": self._fp,
-                    "memo": (list(self.memo.keys()), list(self.memo.values()))}, buf)
-        atomic_write_bytes(out / STATE_FILE, buf.getvalue())
+        save_state(out / STATE_FILE, st, fingerprint=self._fp, version=STATE_VERSION, memo=self.memo)
 
     def _load(self, out: Path) -> dict | None:
-        f = out / STATE_FILE
-        if not f.is_file():
+        got = load_state(out / STATE_FILE, fingerprint=self._fp, version=STATE_VERSION,
+                         what="other model, behaviour, prompts or options")
+        if got is None:
             return None
-        st = torch.load(f, weights_only=False)
-        if st.get("version") != STATE_VERSION or st.get("fingerprint") != self._fp:
-            raise AttackError(f"{f} is the state of a different attack (other model, behaviour, prompts or options); "
-                              "use another output folder, or overwrite=True to start again")
-        keys, vals = st.pop("memo")
-        self.memo = dict(zip(keys, vals))
+        st, self.memo = got
         return st
 
     # -- the loop
@@ -809,19 +801,8 @@ class AutoDAN:
         from tqdm.auto import tqdm
 
         c = self.cfg
-        outp = Path(out) if out is not None else None
-        st = None
-        if outp is not None:
-            if outp.exists() and not outp.is_dir():
-                raise OutputExists(f"{outp} exists and is not a folder")
-            outp.mkdir(parents=True, exist_ok=True)
-            if (outp / STATE_FILE).exists() and not resume:
-                if not overwrite:
-                    raise OutputExists(f"{outp / STATE_FILE} exists: pass resume=True to continue that attack or "
-                                       "overwrite=True to start again")
-                (outp / STATE_FILE).unlink()
-            if resume:
-                st = self._load(outp)
+        outp = state_folder(out, STATE_FILE, resume=resume, overwrite=overwrite)
+        st = self._load(outp) if outp is not None and resume else None
         rng = random.Random(c.seed)
         if st is None:
             pop = self.initial_population(rng)

@@ -50,7 +50,6 @@ import io
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,7 +58,7 @@ import torch
 
 from .. import ops
 from .. import validate as V
-from .._io import atomic_write_bytes, atomic_write_text, json_safe
+from .._io import atomic_write_bytes, json_safe
 from ..errors import InvalidArgument, InvalidType, OutputExists
 from ..models.forward import forward
 from ..prompts import SENTINEL, resolve_template, special_token_strings
@@ -734,6 +733,44 @@ def model_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
+def state_folder(out: str | Path | None, state_file: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """The attack's state folder (created), or None without ``out``. A state already there needs ``resume``
+    (continue it) or ``overwrite`` (it is removed); a file in the folder's place is refused."""
+    if out is None:
+        return None
+    outp = Path(out)
+    if outp.exists() and not outp.is_dir():
+        raise OutputExists(f"{outp} exists and is not a folder")
+    outp.mkdir(parents=True, exist_ok=True)
+    if (outp / state_file).exists() and not resume:
+        if not overwrite:
+            raise OutputExists(f"{outp / state_file} exists: pass resume=True to continue that attack or "
+                               "overwrite=True to start again")
+        (outp / state_file).unlink()
+    return outp
+
+
+def save_state(path: Path, st: dict, *, fingerprint: str, version: int, memo: dict) -> None:
+    """Write an attack's whole state (and its loss memo) atomically to ``path``."""
+    buf = io.BytesIO()
+    torch.save({**st, "version": version, "fingerprint": fingerprint,
+                "memo": (list(memo.keys()), list(memo.values()))}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path: Path, *, fingerprint: str, version: int, what: str) -> tuple[dict, dict] | None:
+    """``(state, memo)`` from ``path`` (None when there is none); a state of another attack (``what`` names
+    what differs) is refused."""
+    if not path.is_file():
+        return None
+    st = torch.load(path, weights_only=False)
+    if st.get("version") != version or st.get("fingerprint") != fingerprint:
+        raise AttackError(f"{path} is the state of a different attack ({what}); use another output folder, or "
+                          "overwrite=True to start again")
+    keys, vals = st.pop("memo")
+    return st, dict(zip(keys, vals))
+
+
 class GCG:
     """One GCG attack, set up and ready to step: ``GCG(model, tokenizer, messages, targets, config).run()``.
 
@@ -925,21 +962,14 @@ class GCG:
         return h.hexdigest()[:16]
 
     def _save(self, out: Path, st: dict) -> None:
-        buf = io.BytesIO()
-        torch.save({**st, "version": STATE_VERSION, "fingerprint": self._fp,
-                    "memo": (list(self.memo.keys()), list(self.memo.values()))}, buf)
-        atomic_write_bytes(out / STATE_FILE, buf.getvalue())
+        save_state(out / STATE_FILE, st, fingerprint=self._fp, version=STATE_VERSION, memo=self.memo)
 
     def _load(self, out: Path) -> dict | None:
-        f = out / STATE_FILE
-        if not f.is_file():
+        got = load_state(out / STATE_FILE, fingerprint=self._fp, version=STATE_VERSION,
+                         what="other model, prompts or options")
+        if got is None:
             return None
-        st = torch.load(f, weights_only=False)
-        if st.get("version") != STATE_VERSION or st.get("fingerprint") != self._fp:
-            raise AttackError(f"{f} is the state of a different attack (other model, prompts or options); use "
-                              "another output folder, or overwrite=True to start again")
-        keys, vals = st.pop("memo")
-        self.memo = dict(zip(keys, vals))
+        st, self.memo = got
         return st
 
     # -- the loop
@@ -952,19 +982,8 @@ class GCG:
 
         c = self.cfg
         self._fp = self.fingerprint()
-        outp = Path(out) if out is not None else None
-        st = None
-        if outp is not None:
-            if outp.exists() and not outp.is_dir():
-                raise OutputExists(f"{outp} exists and is not a folder")
-            outp.mkdir(parents=True, exist_ok=True)
-            if (outp / STATE_FILE).exists() and not resume:
-                if not overwrite:
-                    raise OutputExists(f"{outp / STATE_FILE} exists: pass resume=True to continue that attack or "
-                                       "overwrite=True to start again")
-                (outp / STATE_FILE).unlink()
-            if resume:
-                st = self._load(outp)
+        outp = state_folder(out, STATE_FILE, resume=resume, overwrite=overwrite)
+        st = self._load(outp) if outp is not None and resume else None
         gen = torch.Generator().manual_seed(c.seed)
         if st is None:
             st = self._initial_state(gen)
