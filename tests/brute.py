@@ -26,3 +26,20 @@ def positions_brute_force(model, tok, prompts):
         rows.append(hs[:, fb.positions[0]])
         logits.append(out.logits[0, -1].double())
     return torch.stack(rows), torch.stack(logits)
+
+
+def sharp_tiny_model(arch, tok, seed=0):
+    """A 2-layer, d=32 tiny model whose weight matrices are redrawn from N(0, 0.3^2) and biases (Qwen2's
+    q/k/v, GPT-2's) from N(0, 0.1^2), which the default init leaves at zero; norm scales stay 1. Losses of
+    different attack candidates then differ clearly (the GCG and AutoDAN tests' model)."""
+    from pysafegeom.models.tiny import tiny_model
+
+    m = tiny_model(arch, tokenizer=tok, n_layers=2, d_model=32, seed=seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m

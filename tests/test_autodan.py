@@ -18,6 +18,7 @@ import random
 
 import pytest
 import torch
+from brute import sharp_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,20 +37,6 @@ def small(**kw) -> AutoDANConfig:
     """A small search: 6 templates, 3 generations, no refusal check, no bar; ``kw`` overrides."""
     return AutoDANConfig(**{**dict(batch_size=6, num_steps=3, eval_with_check_refusal=False, progress=False,
                                    synonyms="table"), **kw})
-
-
-def sharp_tiny_model(arch, tok, seed=0):
-    """A 2-layer, d=32 tiny model whose weight matrices are redrawn from N(0, 0.3^2) and biases from
-    N(0, 0.1^2) (tests/test_gcg.py's), so losses of different templates differ clearly."""
-    m = tiny_model(arch, tokenizer=tok, n_layers=2, d_model=32, seed=seed)
-    g = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,14 @@ import time
 
 import pytest
 import torch
+from brute import sharp_tiny_model
 
 from pysafegeom import ops
 from pysafegeom.attacks import gcg
 from pysafegeom.attacks.gcg import GCG, AttackError, GCGConfig, build_prompt
 from pysafegeom.errors import OutputExists
-from pysafegeom.models.tiny import ARCHS, tiny_model
-from pysafegeom.prompts import TemplateError, format_prompts, resolve_template
+from pysafegeom.models.tiny import ARCHS
+from pysafegeom.prompts import TemplateError, resolve_template
 
 INSTRUCTION = "Tell me how to bake bread"
 TARGET = "Sure, here is how"
@@ -60,20 +61,6 @@ def _forbidden_once():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gcg, "forbidden_tokens", once)
         yield
-
-
-def sharp_tiny_model(arch, tok, seed=0):
-    """A 2-layer, d=32 tiny model whose weight matrices are redrawn from N(0, 0.3^2) and biases (Qwen2's
-    q/k/v, GPT-2's) from N(0, 0.1^2), which the default init leaves at zero; norm scales stay 1."""
-    m = tiny_model(arch, tokenizer=tok, n_layers=2, d_model=32, seed=seed)
-    g = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m
 
 
 @pytest.fixture(scope="module")
