@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from autodan import peer_losses  # noqa: E402
 from gcg_gpu import llama, synthetic_tokenizer  # noqa: E402
 
 
@@ -70,24 +71,6 @@ def equality(dev: str = "cuda") -> int:
         fails += not ok
         print(f"{'PASS' if ok else 'FAIL'} autodan equality on {dev} {arch}: fast err {e_fast:.2e}, plain fp32 err {e_ref:.2e}")
     return fails
-
-
-def peer_losses(model, scorer, test_cases):
-    rows = [r + scorer.target_ids for r in scorer.rows(test_cases)]
-    L = max(len(r) for r in rows)
-    dev = next(model.parameters()).device
-    ids = torch.full((len(rows), L), scorer.pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-    T = len(scorer.target_ids)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(rows), 64):  # HarmBench scores in batches; full logits of 256 rows would not fit
-            lg = model(input_ids=ids[s:s + 64].to(dev)).logits[:, L - T - 1:L - 1].float()
-            tg = ids[s:s + 64, L - T:].to(dev)
-            out.append(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1),
-                                                         reduction="none").view(-1, T).mean(1).cpu())
-    return torch.cat(out)
 
 
 def throughput(quick: bool, device: str = "cuda", dtype=torch.bfloat16, shapes=None, pops=(64, 256),
@@ -137,7 +120,7 @@ def throughput(quick: bool, device: str = "cuda", dtype=torch.bfloat16, shapes=N
                 t_r = best(lambda: ref.losses(pop))
             except torch.OutOfMemoryError:
                 t_r = float("nan")
-            t_p = best(lambda: peer_losses(m, ours.scorer, tcs))
+            t_p = best(lambda _m=m: peer_losses(_m, ours.scorer, tcs))
             step = AutoDAN(m, tok, beh, tgt, AutoDANConfig(**kw, num_steps=1))  # one generation: score it all, breed
             step_pop = pop
             step.initial_population = lambda rng, _p=step_pop: list(_p)
