@@ -127,24 +127,90 @@ def _cmd_train(args) -> int:
     def ints(text):
         return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
 
+    r2d2 = args.recipe == "r2d2"
+    opts = _r2d2_options(args) if r2d2 else {}
+    if not r2d2:
+        given = [f for f in _R2D2_FLAGS if getattr(args, f.lstrip("-").replace("-", "_")) is not None]
+        if given:
+            from .errors import InvalidArgument
+
+            raise InvalidArgument(f"{', '.join(given)} only apply to --recipe r2d2")
     cfg = TrainConfig(recipe=args.recipe, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lr=args.lr,
                       schedule=args.schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, steps=args.steps, save_at=ints(args.save_at), seed=args.seed,
-                      max_len=args.max_len)
+                      max_len=args.max_len, step_unit=args.step_unit, recipe_options=opts)
     cfg.validate()
+    if r2d2:  # the training behaviours, checked before anything loads
+        from .data import load_behaviors
+        from .train.r2d2 import check_disjoint, load_training_behaviors
+
+        train_b = load_training_behaviors(opts.get("behaviors"), opts.get("behavior_targets"))
+        check_disjoint(train_b, {f: load_behaviors(f, require_targets=False, functional_category=None)
+                                 for f in args.eval_behaviors})
     out = claim_out_dir(Path(args.out), overwrite=args.overwrite, create=False)  # before the model loads
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     claim_out_dir(out, overwrite=args.overwrite)
-    harmful = load_default("harmful", "train") if args.harmful is None else _read_prompts(args.harmful)
-    harmless = load_default("harmless", "train") if args.harmless is None else _read_prompts(args.harmless)
-    examples = build_safety_dataset(model, tok, harmful, harmless, refusals=cfg.refusal_phrasings,
-                                    answers_file=args.answers, cache_file=out / "distill.jsonl",
-                                    max_new_tokens=args.distill_tokens)
-    print(f"{len(examples)} examples ({len(harmful)} refusals, {len(harmless)} helpful answers) -> {out}", file=sys.stderr)
+    if r2d2 and args.clean is not None:
+        from .train.r2d2 import read_chat_examples
+
+        examples = read_chat_examples(args.clean)
+        if args.harmful is not None:
+            harmful = _read_prompts(args.harmful)
+            examples = build_safety_dataset(model, tok, harmful, [], refusals=cfg.refusal_phrasings) + examples
+        print(f"{len(examples)} clean examples from {args.clean} -> {out}", file=sys.stderr)
+    else:
+        if r2d2:
+            from .train.r2d2 import anchor_pool_prompts
+
+            harmful = [] if args.harmful is None else _read_prompts(args.harmful)
+            harmless = anchor_pool_prompts() if args.harmless is None else _read_prompts(args.harmless)
+        else:
+            harmful = load_default("harmful", "train") if args.harmful is None else _read_prompts(args.harmful)
+            harmless = load_default("harmless", "train") if args.harmless is None else _read_prompts(args.harmless)
+        examples = build_safety_dataset(model, tok, harmful, harmless, refusals=cfg.refusal_phrasings,
+                                        answers_file=args.answers, cache_file=out / "distill.jsonl",
+                                        max_new_tokens=args.distill_tokens)
+        print(f"{len(examples)} examples ({len(harmful)} refusals, {len(harmless)} helpful answers) -> {out}", file=sys.stderr)
     res = run(model, tok, examples, cfg, out, resume=args.resume, base_spec=args.model, overwrite=args.overwrite)
     print(f"done: {cfg.steps} steps in {res.seconds:.0f} s ({res.tokens_per_s:.0f} tokens/s), final loss "
           f"{res.losses[-1]:.4f}; checkpoints: {', '.join(str(s) for s in res.checkpoints)}; final: {res.final_checkpoint}")
     return 0
+
+
+_R2D2_FLAGS = ("--preset", "--control", "--behaviors", "--targets", "--clean", "--pool-size", "--cases-per-step",
+               "--gcg-steps", "--gcg-width", "--gcg-topk", "--gcg-filter", "--reset-every", "--reset-fraction",
+               "--suffix-tokens", "--away-weight", "--toward-weight", "--away-threshold", "--refusal")
+
+
+def _r2d2_options(args) -> dict:
+    from .train.r2d2 import R2D2Config
+
+    base = {"harmbench": R2D2Config, "paper": R2D2Config.paper, "miniature": R2D2Config.miniature}[args.preset or "harmbench"]()
+    kw = {}
+    for flag, name in (("pool_size", "pool_size"), ("cases_per_step", "cases_per_step"),
+                       ("gcg_steps", "gcg_steps_per_update"), ("gcg_width", "search_width"), ("gcg_topk", "topk"),
+                       ("reset_every", "reset_every"), ("reset_fraction", "reset_fraction"),
+                       ("away_weight", "away_weight"), ("toward_weight", "toward_weight"),
+                       ("away_threshold", "away_threshold"), ("refusal", "refusal"), ("behaviors", "behaviors"),
+                       ("targets", "behavior_targets")):
+        v = getattr(args, flag)
+        if v is not None:
+            kw[name] = v
+    if args.gcg_filter is not None:
+        kw["filter_ids"] = True
+    if args.control is not None:
+        kw["adversarial"] = False
+    if args.suffix_tokens is not None:
+        try:
+            lo, _, hi = args.suffix_tokens.partition(",")
+            kw["suffix_tokens"] = (int(lo), int(hi or lo))
+        except ValueError:
+            from .errors import InvalidArgument
+
+            raise InvalidArgument(f"--suffix-tokens {args.suffix_tokens!r}: give LO,HI (e.g. 15,20)") from None
+    from dataclasses import replace
+
+    return replace(base, **kw).check().to_dict()
 
 
 def _gcg_config(args):
@@ -425,7 +491,7 @@ _POS = _arg("positive_int")
 _NONNEG_FLOAT = _arg("finite_float", float, lo=0.0)
 _LR = _arg("finite_float", float, lo=0.0, hi=1.0, lo_open=True)
 _POS_FLOAT = _arg("finite_float", float, lo=0.0, lo_open=True)
-_STEPS = _text_arg("int_list_option", lo=1)
+_STEPS = _text_arg("int_list_option", lo=0)
 _DEVICE, _DTYPE = _text_arg("device"), _text_arg("dtype")
 
 
@@ -593,14 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "paired with helpful answers (by default the model's own greedy answers).",
                        epilog="example: pysafegeom train --recipe sft --model smollm2-135m-instruct --out runs/sft "
                               "--steps 100 --save-at 50,100")
-    s.add_argument("--recipe", default="sft", help="training recipe (default: sft)")
+    s.add_argument("--recipe", default="sft",
+                   help="sft (refusals + helpful answers) or r2d2 (adversarial training; see the R2D2 options)")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model (default: {DEFAULT_MODEL})")
     s.add_argument("--out", required=True, help="output folder: checkpoint-STEP/ folders and distill.jsonl (a folder "
                    "that is not a pysafegeom training run is refused unless --overwrite)")
     s.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a pysafegeom training "
                    "folder (nothing in it is deleted)")
     s.add_argument("--steps", type=_POS, default=100, help="optimizer steps (default 100)")
-    s.add_argument("--save-at", default="", type=_STEPS, help="comma-separated steps to checkpoint at (the last is always saved)")
+    s.add_argument("--save-at", default="", type=_STEPS, help="comma-separated, increasing optimizer steps to checkpoint at (0: the untrained start; the last step is always saved)")
     s.add_argument("--lr", type=_LR, default=2e-4, help="peak learning rate (default 2e-4)")
     s.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     s.add_argument("--warmup-steps", type=_arg("nonneg_int"), default=10)
@@ -619,6 +686,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled train split)")
     s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled train split)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", default=None, type=_DTYPE, help="float32 or bfloat16 weights to train (default: float32 on "
+                   "CPU, the checkpoint's dtype on GPU)")
+    s.add_argument("--step-unit", default="optimizer", choices=["optimizer", "micro"],
+                   help="what checkpoint-N counts: optimizer steps (default) or micro-batches (HarmBench's R2D2 counter: "
+                        "N = step x grad-accum); --steps and --save-at are optimizer steps either way")
+    r = s.add_argument_group("R2D2 (--recipe r2d2)", "adversarial training against a pool of GCG test cases "
+                             "(PROTOCOL.md 7); defaults are HarmBench's code, --preset paper the paper's")
+    r.add_argument("--preset", default=None, choices=["harmbench", "paper", "miniature"],
+                   help="starting values: harmbench (pool 8, 5 GCG steps of width 512 / top-k 256 per update, reset "
+                        "20%% every 50 steps), paper (pool 180, 8 cases per step), miniature (the 2-core CPU preset of "
+                        "trajectories/); the options below override it")
+    r.add_argument("--control", action="store_const", const=True, default=None,
+                   help="the matched SFT control: the same recipe, data order and schedule with the adversarial terms "
+                        "(and their GCG) off")
+    r.add_argument("--behaviors", default=None, help="training behaviours with targets: JSONL {id, behavior, targets}, "
+                   "AdvBench's goal/target CSV or a table with a target column (default: the package's own 40)")
+    r.add_argument("--targets", default=None, help="HarmBench's targets JSON, with a HarmBench behaviours CSV as --behaviors")
+    r.add_argument("--eval-behaviors", action="append", default=[], metavar="FILE",
+                   help="an evaluation behaviour set (HarmBench CSV, AdvBench CSV, JSONL); training refuses to start when "
+                        "a training behaviour is in it (repeatable)")
+    r.add_argument("--clean", default=None, help="clean data: JSONL of {messages: [...user, assistant]} or {prompt, response} "
+                   "(default: the model's own answers to the shipped anchor pool's harmless training prompts)")
+    r.add_argument("--pool-size", type=_POS, default=None, help="test cases in the pool (HarmBench: 8; paper: 180)")
+    r.add_argument("--cases-per-step", type=_POS, default=None,
+                   help="cases sampled, attacked and trained on per micro-batch (default min(8, pool))")
+    r.add_argument("--gcg-steps", type=_arg("nonneg_int"), default=None, help="GCG steps per sampled case and micro-batch (5)")
+    r.add_argument("--gcg-width", type=_POS, default=None, help="GCG search width (512)")
+    r.add_argument("--gcg-topk", type=_POS, default=None, help="GCG top-k tokens per position (256)")
+    r.add_argument("--gcg-filter", action="store_const", const=True, default=None,
+                   help="apply GCG's retokenisation filter (HarmBench's R2D2 does not)")
+    r.add_argument("--reset-every", type=_POS, default=None, help="optimizer steps between pool resets (50)")
+    r.add_argument("--reset-fraction", type=float, default=None, help="share of the pool replaced at a reset (0.2)")
+    r.add_argument("--suffix-tokens", default=None, help="LO,HI: a new suffix is '! ' x U{LO..HI} (15,20)")
+    r.add_argument("--away-weight", type=float, default=None, help="weight of -log(1-p(target)) (0.5; >= 0)")
+    r.add_argument("--toward-weight", type=float, default=None, help="weight of the CE toward the refusal (0.5; >= 0)")
+    r.add_argument("--away-threshold", type=float, default=None,
+                   help="target tokens with log p below this add no away loss (-5)")
+    r.add_argument("--refusal", default=None, help="the toward target (\"Sorry, I can't do that.\")")
     s.set_defaults(func=_cmd_train)
 
     _add_check_sets(sub)

@@ -18,7 +18,7 @@ OPTION_CASES = [
     ("analyze --device gpu", ["analyze", "--device", "gpu"], "--device", "'cuda'"),
     ("analyze --dtype int8", ["analyze", "--dtype", "int8"], "--dtype", "float32"),
     ("train --save-at 1,abc", ["train", "--save-at", "1,abc"], "--save-at", "'abc' is not an integer"),
-    ("train --save-at 0", ["train", "--save-at", "0"], "--save-at"),
+    ("train --save-at -1", ["train", "--save-at", "-1"], "--save-at"),
     ("train --lr 1e4", ["train", "--lr", "1e4"], "--lr"),
     ("train --steps 0", ["train", "--steps", "0"], "--steps"),
     ("train --warmup-steps -1", ["train", "--warmup-steps", "-1"], "--warmup-steps"),

@@ -494,12 +494,18 @@ class _ModelScorer:
         self.step_kv: list = [None] * len(prompts)
         self.step_ids: torch.Tensor | None = None
         self.rows_fed = 0  # candidate tokens run through the model (the scoring's compute, in rows)
-        if cfg.use_prefix_cache:
+        self.refresh()
+        self._check_embedding()
+
+    def refresh(self) -> None:
+        """Recompute the prefix KV and drop the suffix KV: call it after the model's weights change."""
+        self.step_kv = [None] * len(self.prompts)
+        self.step_ids = None
+        if self.cfg.use_prefix_cache:
             with torch.no_grad():
                 for b, t in enumerate(self.t):
                     out = forward(self.body, t["before"], use_cache=True)
                     self.prefix_kv[b] = [(k.detach(), v.detach()) for k, v in _cache_tensors(_out_cache(out))]
-        self._check_embedding()
 
     def _batch_that_fits(self) -> int:
         """All candidates in one batch on CPU; on CUDA, the candidates whose activations and KV fit in 60% of
@@ -564,6 +570,7 @@ class _ModelScorer:
         onehot = torch.zeros(L, self.W_E.shape[0], device=self.device, dtype=self.W_E.dtype)
         onehot.scatter_(1, ids.to(self.device)[:, None], 1.0)
         onehot.requires_grad_(True)
+        grad = torch.zeros_like(onehot)
         total = 0.0
         for b in active:
             t = self.t[b]
@@ -584,7 +591,9 @@ class _ModelScorer:
                     loss = self._loss_h(out.last_hidden_state[:, -T:], b)
                 else:
                     loss = self._loss_logits(out.logits[:, -T:], b)
-                loss.sum().backward()
+                # the gradient of the one-hot only: the model's own trainable weights (a LoRA adapter being
+                # trained, as inside R2D2) get no .grad from the attack
+                grad += torch.autograd.grad(loss.sum(), onehot)[0]
             total += float(loss.detach().sum())
             if self.cfg.use_prefix_cache and self.cfg.reuse_suffix_prefix:
                 P = len(self.prompts[b].before_ids)
@@ -593,7 +602,7 @@ class _ModelScorer:
             else:
                 self.step_kv[b] = None
         self.step_ids = ids.detach().cpu().clone()
-        return onehot.grad.detach().float().cpu(), total
+        return grad.float().cpu(), total
 
     # -- candidate scoring
 
@@ -947,6 +956,34 @@ class GCG:
                     if not bool((logits.argmax(-1) == t["target"]).all()):
                         return False
         return True
+
+    # -- stepping from outside (R2D2 runs a few steps per training step, between weight updates)
+
+    def refresh(self) -> None:
+        """Forget everything computed with the old weights (prefix KV, suffix KV, the loss memo). Call it
+        after the model's weights change; the next :meth:`step` then scores with the new ones."""
+        for s in self.scorers:
+            s.refresh()
+        self.memo.clear()
+
+    def new_state(self, generator: torch.Generator | None = None, ids: Sequence[int] | None = None) -> dict:
+        """A fresh attack state at the initial suffix (or at ``ids``, a suffix of the init's token length),
+        for :meth:`step`. ``generator`` fills a buffer (``buffer_size`` > 1) with random suffixes."""
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            if len(ids) != len(self.init_ids[0]):
+                raise AttackError(f"a suffix of {len(ids)} tokens given where the attack's init has {len(self.init_ids[0])}")
+            self.init_ids = [ids] + self.init_ids[1:]
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.cfg.seed)
+        return self._initial_state(gen)
+
+    def step(self, st: dict, generator: torch.Generator) -> float:
+        """One GCG step on state ``st`` (from :meth:`new_state` or :meth:`run`'s), in place, drawing candidates
+        from ``generator``; returns the loss of the suffix it moved to (``st["ids"]``)."""
+        t0 = time.perf_counter()
+        self._step(st, generator)
+        st["times"].append(time.perf_counter() - t0)
+        return float(st["losses"][-1])
 
     # -- state
 

@@ -11,9 +11,9 @@ checkpoint is written to a temporary folder and renamed into place, so a kill ne
 ``run(..., resume=True)`` continues from the latest checkpoint and ends with the same weights as an
 uninterrupted run.
 
-Recipes: the loss is built by a :class:`Recipe` from :data:`RECIPES`; SFT is the only one here. An
-adversarial recipe (R2D2: GCG test-case pool, away and toward losses) subclasses :class:`Recipe`,
-overrides ``build_loss`` (and ``on_step`` to refresh its pool) and registers itself in ``RECIPES``.
+Recipes: the loss is built by a :class:`Recipe` from :data:`RECIPES`: ``sft`` here and ``r2d2``
+(:mod:`pysafegeom.train.r2d2`: a GCG test-case pool, away and toward losses), which overrides ``extra_loss``
+(its adversarial terms per micro-batch), ``after_step`` (log row, pool resets) and the state hooks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,30 @@ from ..models.provenance import attach_training_prompts, read_training_prompts, 
 from .data import DEFAULT_REFUSALS, IGNORE, Example, as_examples, collate, encode_examples
 
 STATE_FILE = "trainer_state.pt"
+STEP_LOG = "train_log.jsonl"
+
+
+class _StepLog:
+    """``train_log.jsonl`` in the run folder: one JSON line per optimizer step. On resume from step s the
+    lines after s (written by the killed run after its last checkpoint) are dropped first."""
+
+    def __init__(self, path: Path, step: int):
+        self.path = path
+        if path.is_file():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by the kill
+            from .._io import atomic_write_text
+
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
 
 
 @dataclass
@@ -49,7 +73,11 @@ class TrainConfig:
     lr: peak learning rate (AdamW). weight_decay: AdamW decoupled weight decay.
     schedule: "cosine" (decay to 0 at ``steps``) or "constant", both after ``warmup_steps`` linear warmup.
     batch_size: examples per micro-batch; grad_accum: micro-batches per optimizer step.
-    steps: optimizer steps. save_at: steps to checkpoint at (the last step is always checkpointed).
+    steps: optimizer steps. save_at: optimizer steps to checkpoint at (the last step is always checkpointed;
+        0 saves the untrained start, e.g. an anchor of a trajectory).
+    step_unit: what a checkpoint's name counts: "optimizer" steps (``checkpoint-{step}``) or "micro" batches
+        (``checkpoint-{step * grad_accum}``, HarmBench's R2D2 counter); recorded in each checkpoint.
+    recipe_options: the recipe's own options (R2D2: :class:`pysafegeom.train.r2d2.R2D2Config` or its dict).
     seed: fixes LoRA init, data order and dropout. max_len: tokens per example (responses are cut).
     max_grad_norm: gradient clipping (0 disables).
     refusal_phrasings: the refusals paired with harmful prompts by :func:`build_safety_dataset`.
@@ -76,6 +104,8 @@ class TrainConfig:
     refusal_phrasings: tuple[str, ...] = DEFAULT_REFUSALS
     template: str | None = None
     system: str | None = None
+    step_unit: str = "optimizer"
+    recipe_options: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`~pysafegeom.errors.InvalidArgument` / ``InvalidType`` (a ``ValueError`` / ``TypeError``)
@@ -108,12 +138,23 @@ class TrainConfig:
             check("lora_targets", V.str_list)
         if isinstance(self.save_at, int) and not isinstance(self.save_at, bool):
             self.save_at = (self.save_at,)
-        check("save_at", V.int_list_option, lo=1)
-        self.save_at = tuple(sorted(set(V.int_list_option("save_at", self.save_at))))
+        check("save_at", V.int_list_option, lo=0)
+        raw = list(V.int_list_option("save_at", self.save_at, lo=0))
+        if any(b <= a for a, b in zip(raw, raw[1:])):
+            raise InvalidArgument(f"invalid training option save_at={self.save_at!r}: the anchors must be strictly "
+                                  "increasing (each step once, in order)")
+        self.save_at = tuple(raw)
         for s in self.save_at:
-            if not 1 <= s <= self.steps:
+            if not 0 <= s <= self.steps:
                 raise InvalidArgument(f"invalid training option save_at={self.save_at!r}: step {s} is outside "
-                                      f"1..steps={self.steps}")
+                                      f"0..steps={self.steps}")
+        check("step_unit", V.choice, ("optimizer", "micro"))
+        opts = self.recipe_options
+        if hasattr(opts, "to_dict") and not isinstance(opts, dict):
+            self.recipe_options = opts = opts.to_dict()
+        if not isinstance(opts, dict):
+            raise InvalidType(f"invalid training option recipe_options={opts!r}: must be a dict")
+        RECIPES[self.recipe].check_options(opts)
         self.refusal_phrasings = tuple(check("refusal_phrasings", V.str_list))  # one string is one phrasing
         for opt in ("template", "system"):
             if getattr(self, opt) is not None and not isinstance(getattr(self, opt), str):
@@ -131,11 +172,39 @@ class Recipe:
     def __init__(self, model, tokenizer, config: TrainConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Validate ``TrainConfig.recipe_options`` (a recipe without options accepts only ``{}``)."""
+        if options:
+            raise InvalidArgument(f"recipe {cls.name!r} takes no recipe_options, got {', '.join(sorted(options))}")
+
     def build_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The clean loss of one micro-batch (token-mean; the trainer weights it by the batch's token share)."""
         raise NotImplementedError
 
+    def extra_loss(self, micro: int) -> torch.Tensor | None:
+        """A loss added to micro-batch ``micro`` of the step, already weighted (R2D2's adversarial terms)."""
+        return None
+
+    def postfix(self) -> dict:
+        """Extra fields for the progress bar after a step."""
+        return {}
+
     def on_step(self, step: int) -> None:
-        """Called after each optimizer step (an adversarial recipe refreshes its test cases here)."""
+        """Called after each optimizer step (by :meth:`after_step`)."""
+
+    def after_step(self, step: int, info: dict) -> dict:
+        """Called after each optimizer step with its losses and timings; returns the row for the run's
+        ``train_log.jsonl`` (an adversarial recipe adds its terms and resets its test-case pool here)."""
+        self.on_step(step)
+        return {"step": step, **info}
+
+    def seen_prompts(self) -> list[str]:
+        """Prompts the recipe trained on besides the clean examples (recorded in every checkpoint)."""
+        return []
+
+    def write_files(self, folder: Path) -> None:
+        """Write readable recipe files into a checkpoint folder being saved."""
 
     def state_dict(self) -> dict:
         """Recipe state to checkpoint (e.g. an attack pool); SFT has none."""
@@ -286,10 +355,15 @@ def _prepare_model(model, config: TrainConfig, base_spec: str | None):
     return model
 
 
+def checkpoint_name(step: int, config: TrainConfig) -> str:
+    """``checkpoint-N``: N counts optimizer steps, or micro-batches with ``step_unit="micro"``."""
+    return f"checkpoint-{step * (config.grad_accum if config.step_unit == 'micro' else 1)}"
+
+
 def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, config: TrainConfig, out_dir: Path,
                      step: int, cursor: int, losses: list[float], base_spec: str | None,
                      training_prompts: list[str] = ()) -> Path:
-    final = out_dir / f"checkpoint-{step}"
+    final = out_dir / checkpoint_name(step, config)
     with atomic_dir(final, content="checkpoint") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if config.lora:
@@ -301,8 +375,12 @@ def _save_checkpoint(model, tokenizer, optimizer, scheduler, recipe: Recipe, con
         torch.save({"step": step, "cursor": cursor, "losses": list(losses), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": recipe.state_dict(),
                     "config": asdict(config)}, tmp / STATE_FILE)
-        (tmp / "train_config.json").write_text(json.dumps({**asdict(config), "base_model": base_spec}, indent=2, default=str))
-        write_training_prompts(tmp, training_prompts)
+        (tmp / "train_config.json").write_text(json.dumps(
+            {**asdict(config), "base_model": base_spec, "optimizer_step": step, "micro_batches": step * config.grad_accum,
+             "name_counts": "micro-batches" if config.step_unit == "micro" else "optimizer steps"},
+            indent=2, default=str))
+        recipe.write_files(tmp)
+        write_training_prompts(tmp, list(dict.fromkeys(list(training_prompts) + recipe.seen_prompts())))
     return final
 
 
@@ -344,7 +422,7 @@ def _load_weights(model, ckpt: Path, config: TrainConfig) -> None:
 # ----------------------------------------------------------------------------------------------- run
 
 def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: str | os.PathLike = "train_out", *,
-        resume: bool = False, progress: bool = True, callback=None, device=None,
+        resume: bool = False, progress: bool = True, callback=None, device=None, dtype=None,
         base_spec: str | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``model`` on ``examples`` with ``config`` and write checkpoints to ``out_dir``.
 
@@ -354,6 +432,7 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
     examples: :class:`~pysafegeom.train.data.Example` objects or (instruction, response) pairs.
     resume: continue from the latest checkpoint in ``out_dir`` (same config) instead of starting over.
     callback: ``callback(step, loss)`` after every optimizer step (raise from it to stop the run).
+    device, dtype: where and in which dtype a spec is loaded (default: CUDA when available; float32 on CPU).
     base_spec: the name LoRA checkpoints give as their base (default: the spec, or the loaded model's path).
     overwrite: write into an ``out_dir`` that is not a training folder of this package (see :func:`claim_out_dir`;
         otherwise such a folder raises :class:`~pysafegeom.errors.OutputExists` before any work starts).
@@ -374,7 +453,7 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
         from ..models import load_model
 
         base_spec = base_spec or str(model)
-        model, tok2 = load_model(base_spec, device=device)
+        model, tok2 = load_model(base_spec, device=device, dtype=dtype)
         tokenizer = tokenizer or tok2
     else:
         base_spec = base_spec or getattr(model.config, "_name_or_path", None) or None
@@ -432,13 +511,20 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
 
     save_steps = set(config.save_at) | {config.steps}
     n = len(rows)
+    log = _StepLog(out_dir / STEP_LOG, step)
+    if step == 0 and 0 in save_steps:  # the untrained start, as an anchor
+        saved[0] = str(_save_checkpoint(model, tokenizer, optimizer, scheduler, recipe, config, out_dir, 0, cursor,
+                                        losses, base_spec, train_prompts))
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.recipe}{' lora' if config.lora else ''}",
                unit="step", disable=not progress, dynamic_ncols=True)
     try:
         while step < config.steps:
+            t_step = time.perf_counter()
+            clean_s = extra_back_s = 0.0
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
+            clean_total = 0.0
             # weight each micro-batch's token-mean loss by its share of the step's response tokens, so the
             # step's loss is the mean over all its tokens (a token-mean divided by grad_accum would not be)
             micro = []
@@ -448,28 +534,45 @@ def run(model, tokenizer, examples, config: TrainConfig | None = None, out_dir: 
                 micro.append(collate([rows[i] for i in idx], pad_id))
             n_resp = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro]
             n_total = max(1, sum(n_resp))
-            for b, n_i in zip(micro, n_resp):
-                if n_i == 0:
-                    continue
-                batch = {k: v.to(dev) for k, v in b.items()}
-                tokens += int(batch["attention_mask"].sum())
-                loss = recipe.build_loss(batch) * (n_i / n_total)
-                loss.backward()
-                total += float(loss.detach())
+            for j, (b, n_i) in enumerate(zip(micro, n_resp)):
+                loss = None
+                if n_i:
+                    tc = time.perf_counter()
+                    batch = {k: v.to(dev) for k, v in b.items()}
+                    tokens += int(batch["attention_mask"].sum())
+                    loss = recipe.build_loss(batch) * (n_i / n_total)
+                    loss.backward()
+                    clean_total += float(loss.detach())
+                    clean_s += time.perf_counter() - tc
+                extra = recipe.extra_loss(j)  # its own time is the recipe's to report
+                if extra is not None:
+                    tb = time.perf_counter()
+                    extra.backward()
+                    extra_back_s += time.perf_counter() - tb
+                    loss = extra if loss is None else loss.detach() + extra.detach()
+                if loss is not None:
+                    total += float(loss.detach())
             if not math.isfinite(total):  # before the step: the weights are still those of the last good step
                 raise InvalidArgument(f"training diverged at step {step + 1}: the loss is {total} (lr={config.lr:g}; "
                                       "try a smaller lr, e.g. 2e-4, or max_grad_norm=1.0); no checkpoint was written "
                                       "for this step")
+            to = time.perf_counter()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            opt_s = time.perf_counter() - to
             step += 1
             losses.append(total)
-            recipe.on_step(step)
+            post = recipe.postfix()
+            info = {"loss": total, "clean": clean_total, "lr": scheduler.get_last_lr()[0], "clean_s": clean_s,
+                    "optimizer_s": opt_s, "step_s": time.perf_counter() - t_step}
+            if extra_back_s:
+                info["adversarial_backward_s"] = extra_back_s
+            log.write(recipe.after_step(step, info))
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{total:.4f}", **post, s_step=f"{info['step_s']:.1f}",
+                            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
             if step in save_steps:
                 _check_finite_weights(params, step, config)
