@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pysafegeom-installed
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup demo test bench info clean trajectories
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ test: setup
 
 bench: setup
 	$(PY) bench/ops.py
+
+# the two miniature trajectories (R2D2 and its SFT control) into trajectories/runs/, then every anchor measured
+# into trajectories/measure/ (about 2.5 h on 2 cores; a rerun resumes both the training and the measuring)
+trajectories: setup
+	( OMP_NUM_THREADS=1 $(PY) trajectories/build.py r2d2 & OMP_NUM_THREADS=1 $(PY) trajectories/build.py sft & wait )
+	$(PY) trajectories/build.py export
+	$(PY) bench/trajectory_measure.py --trajectory r2d2=trajectories/runs/r2d2 --trajectory sft=trajectories/runs/sft \
+	    --fixed-source trajectories/fixed_source/gcg,bench/transfer/adaptive/smollm2-135m-instruct-c77a1476bd/gcg \
+	    --out trajectories/measure --threads 2
 
 info: setup
 	$(PY) -m pysafegeom info

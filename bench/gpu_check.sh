@@ -17,6 +17,8 @@
 #      reference and HarmBench's padded way (bench/autodan_gpu.py); tests/test_autodan.py   -> autodan.log
 #   6b. GCG: equality to brute force on CUDA (5 archs), one step at width 512 in bf16 on a
 #      SmolLM2-shaped and a Llama-3.2-1B-shaped model (bench/gcg_gpu.py); tests/test_gcg.py    -> gcg.log
+#   6d. R2D2: full fine-tuning steps in bf16 on a random Llama-3.2-1B-shaped model with HarmBench's R2D2
+#      settings, the step's time split (bench/r2d2_gpu.py)                                   -> r2d2.log
 #   6. compute-sanitizer memcheck over every CUDA op at small sizes, if time is left            -> sanitizer.log
 # The last lines printed are a summary table (also in summary.log). Exit status: 0 when every step that
 # ran passed.
@@ -357,6 +359,16 @@ elif run_step autodan-tests "$OUT/autodan_tests.log" "$(cap 120)" "$PY" -m pytes
   note autodan-tests PASS $((SECONDS - t0)) "$(tail -1 "$OUT/autodan_tests.log")"
 else
   note autodan-tests FAIL $((SECONDS - t0)) "see autodan_tests.log"
+fi
+
+# --- 6d. R2D2 on the GPU: a few full fine-tuning steps in bf16 on a random 1B Llama, the step's time split ---
+t0=$SECONDS
+if [ "$(left)" -lt 100 ] || [ ! -f bench/r2d2_gpu.py ]; then
+  note r2d2 SKIP 0 "not enough of the time budget left ($(left)s) or no bench/r2d2_gpu.py"
+elif run_step r2d2 "$OUT/r2d2.log" "$(cap 200)" "$PY" bench/r2d2_gpu.py ${GPU_CHECK_QUICK:+--quick}; then
+  note r2d2 PASS $((SECONDS - t0)) "$(grep -E '^median' "$OUT/r2d2.log" | tr -s ' ')"
+else
+  note r2d2 FAIL $((SECONDS - t0)) "see r2d2.log"
 fi
 
 # --- 6. compute-sanitizer memcheck (each tensor its own allocation, so out-of-bounds accesses show) ----

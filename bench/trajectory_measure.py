@@ -282,15 +282,23 @@ def open_fixed_source(path: str | None, limit: int | None):
 
     if not path:
         return None, [], "no --fixed-source given"
+    recs, seen = [], set()
+    for part in str(path).split(","):  # several stores: their records joined, one test case per (method, behaviour)
+        p = Path(part)
+        try:
+            store = TestCaseStore(p, read_only=True) if (p / "records.jsonl").is_file() else open_cases(p)
+        except StoreError:
+            continue
+        for r in store.records():
+            k = (r.get("method"), r.get("id"))
+            if k not in seen:
+                seen.add(k)
+                recs.append(r)
     p = Path(path)
-    try:
-        store = TestCaseStore(p, read_only=True) if (p / "records.jsonl").is_file() else open_cases(p)
-    except StoreError as exc:
-        return None, [], f"no test cases in {p} yet ({exc})"
-    recs = store.records()[:limit] if limit else store.records()
+    recs = recs[:limit] if limit else recs
     if not recs:
-        return None, [], f"no test cases in {p} yet"
-    snap = TestCaseStore.from_records(recs, name=store.name, origin=str(p))
+        return None, [], f"no test cases in {path} yet"
+    snap = TestCaseStore.from_records(recs, name="fixed-source", origin=str(path))
     stores = [snap]
     methods = snap.methods()
     if "direct" not in methods:
