@@ -354,3 +354,15 @@ def test_cli_r2d2_and_control(base, tmp_path):
     evalf.write_text(json.dumps({"prompt": shipped.text, "target": "x"}) + "\n")
     assert main(common + ["--out", str(tmp_path / "e"), "--eval-behaviors", str(evalf)]) == 2
     assert not (tmp_path / "e").exists()  # refused before anything was written
+
+
+def test_full_fine_tuning_in_bf16(tok, tmp_path):
+    """Full fine-tuning of a bf16 model: GCG runs in bf16 inside training, the weights move, the loss is finite."""
+    model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=4).to(torch.bfloat16)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    res = run(model, tok, CLEAN, _cfg(steps=2, save_at=(), lora=False, lr=1e-2), tmp_path / "bf16", progress=False)
+    rows = _log(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["away"], r["toward"]])).all() for r in rows)
+    after = dict(res.model.named_parameters())
+    assert all(after[k].dtype == torch.bfloat16 for k in before)
+    assert any(not torch.equal(before[k], after[k].detach()) for k in before)
