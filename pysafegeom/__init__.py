@@ -24,6 +24,7 @@ _LAZY = {
     "sweep": ("pysafegeom.interventions", "sweep"),
     "reopen_attacks": ("pysafegeom.pipelines.reopen", "reopen_attacks"),
     "check_sets": ("pysafegeom.pipelines.check_sets", "check_sets"),
+    "trajectory": ("pysafegeom.pipelines.trajectory", "trajectory"),
 }
 
 
