@@ -1,0 +1,197 @@
+"""The trajectory report: one self-contained HTML page (inline SVG, no network) of what
+:func:`pysafegeom.pipelines.trajectory.trajectory` measured, every trajectory in the same charts.
+
+Sections: the findings of PROTOCOL.md section 8 in words (shown or not, with the numbers), coupling,
+attack success, XSTest and benign utility, carrier layer (relocation) and drift against step, the
+transfer heat map (when a matrix was given), the correlation table with its permutation p-values, and
+the full per-anchor table.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from . import _f, _page  # the number format and page wrapper of the analysis report
+from .svg import line_chart
+
+__all__ = ["render_trajectory_report"]
+
+STATUS_COLOUR = {"shown": "#2ca02c", "not shown": "#d62728", "not measured": "#777", "cannot be judged": "#777"}
+
+
+def _num(v):
+    return float("nan") if v is None else float(v)
+
+
+def _val(row: dict, key: str):
+    from ..pipelines.trajectory import _value
+
+    return _value(row, key)
+
+
+def _series(table: list[dict], fn) -> dict:
+    """``{trajectory: (steps, values)}`` of ``fn(row)`` (None drawn as a gap)."""
+    out: dict = {}
+    for r in table:
+        xs, ys = out.setdefault(r["trajectory"], ([], []))
+        xs.append(r["step"])
+        ys.append(_num(fn(r)))
+    return out
+
+
+def _chart(table, title, ylabel, fns: dict, ylim=None) -> str:
+    """One chart; ``fns`` ``{label: fn}`` gives one line per trajectory and label (label "" for a single metric)."""
+    series = {}
+    for label, fn in fns.items():
+        for t, xy in _series(table, fn).items():
+            series[f"{t} {label}".strip()] = xy
+    return line_chart(series, title, "step", ylabel, width=520, height=280, ylim=ylim)
+
+
+def _rate_cell(r: dict | None) -> str:
+    if not r:
+        return "n/a"
+    v = r.get("value", r.get("asr"))
+    if v is None or v != v:
+        return f"n/a (n = {r.get('n', 0)})"
+    return f"{v:.2f} ({r['k']}/{r['n']}; {r['ci_low']:.2f}&ndash;{r['ci_high']:.2f})"
+
+
+def _findings(findings: list[dict]) -> str:
+    items = []
+    for f in findings:
+        c = STATUS_COLOUR.get(f["status"], "#777")
+        items.append(f"<li><b style='color:{c}'>{html.escape(f['status'])}</b>: {html.escape(f['finding'])}. "
+                     f"<span class='note'>{html.escape(f['evidence'])}</span></li>")
+    return "<ul class='summary'>" + "".join(items) + "</ul>"
+
+
+def _anchor_table(table: list[dict]) -> str:
+    head = ["trajectory", "step", "carrier (layer, position)", "admissible", "κ mid band", "κ at carrier", "κ_sub",
+            "erank", "direct ASR", "fixed-source ASR", "harmful usefulness", "XSTest any-refusal", "benign answered",
+            "drift vs first (common / own, °)", "drift vs previous (common / own, °)", "1 − |cos R| vs first",
+            "‖b − b_first‖", "s"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in table:
+        c = r["carrier"]
+        where = (f"L{c['layer']} {c['position']}" if c["layer"] is not None
+                 else f"none (ref. L{c['reference_layer']} {c['reference_position']})")
+        df, dp = r.get("drift_first") or {}, r.get("drift_prev") or {}
+        cells = [r["trajectory"], r["step"], where, c["n_admissible"], _f(r["kappa_mid_band"]), _f(r["kappa_at_carrier"]),
+                 _f(r["kappa_sub"]), _f(r["effective_rank"], 2), _rate_cell(r["direct_asr"]),
+                 _rate_cell((r.get("fixed_source") or {}).get("overall")), _rate_cell(r["harmful_usefulness"]),
+                 _rate_cell(r["xstest_any_refusal"]), _rate_cell(r["benign_utility"]),
+                 f"{_f(df.get('common_deg'), 1)} / {_f(df.get('own_deg'), 1)}" if df else "&mdash;",
+                 f"{_f(dp.get('common_deg'), 1)} / {_f(dp.get('own_deg'), 1)}" if dp else "&mdash;",
+                 _f(df.get("R_direction_drift")) if df else "&mdash;", _f(r.get("b_distance_first")),
+                 f"{r['seconds']['total']:.0f}"]
+        cells[:3] = [html.escape(str(x)) for x in cells[:3]]  # the rest are numbers and entities
+        out.append("<tr>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _correlation_table(corr: dict, meta: dict) -> str:
+    groups = list(corr)
+    out = [f"<p class='note'>Spearman ρ between each geometry metric and each behavioural metric, pooled over every "
+           f"anchor and within each trajectory. p: permutation p-values, {html.escape(meta.get('p_values', ''))}; "
+           "with so few anchors the exact p-value is the honest one (a perfect ρ = 1 over 5 anchors has two-sided p = "
+           "2/5! = 0.017, over 3 anchors 2/3! = 0.33). Drift is measured against each trajectory's first anchor.</p>",
+           "<table><tr><th>geometry</th><th>behaviour</th>"
+           + "".join(f"<th>{html.escape(g)}: ρ (n)</th><th>p two-sided</th>" for g in groups) + "</tr>"]
+    keys = [(c["geometry"], c["behaviour"]) for c in corr[groups[0]]]
+    for gk, bk in keys:
+        cells = []
+        for g in groups:
+            c = next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)
+            rho = "n/a" if c["rho"] is None else f"{c['rho']:+.2f}"
+            strong = c["p_two_sided"] is not None and c["p_two_sided"] < 0.05
+            cells.append(f"<td>{'<b>' if strong else ''}{rho}{'</b>' if strong else ''} ({c['n']})</td>"
+                         f"<td title='{html.escape(c.get('method') or c.get('note', ''))}'>{_p(c['p_two_sided'])}</td>")
+        out.append(f"<tr><th style='text-align:left'>{html.escape(gk)}</th><th style='text-align:left'>"
+                   f"{html.escape(bk)}</th>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _transfer(tr: dict) -> str:
+    from ..attacks.transfer import ALL, heatmap_svg
+
+    out = ["<h2>Transfer (PROTOCOL 3, transfer analysis)</h2>"]
+    m = tr.get("matrix")
+    if m and m.get("cells"):
+        out.append(heatmap_svg(m, ALL))
+    out.append("<p class='note'>Transfer-ASR(s &#8594; t) over pairs of anchors (s &ne; t, all methods) against three "
+               "predictors. Matched matrix names: " + html.escape(", ".join(tr["matched"]) or "none")
+               + (("; not matched to an anchor: " + html.escape(", ".join(tr["unmatched"]))) if tr["unmatched"] else "")
+               + ".</p><table><tr><th>predictor</th><th>ρ with transfer-ASR</th><th>n pairs</th><th>p two-sided</th>"
+               "<th>how</th></tr>")
+    names = {"kappa_gap": "|κ_s − κ_t| (mid band)", "drift_deg": "drift(s, t), common layer (°)",
+             "b_distance": "‖b_s − b_t‖"}
+    for k, t in tr["tests"].items():
+        rho = "n/a" if t["rho"] is None else f"{t['rho']:+.2f}"
+        out.append(f"<tr><th style='text-align:left'>{names[k]}</th><td>{rho}</td><td>{t['n']}</td>"
+                   f"<td>{_p(t['p_two_sided'])}</td><td style='text-align:left'>"
+                   f"{html.escape(t.get('method') or t.get('note', ''))}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def render_trajectory_report(d: dict) -> str:
+    """HTML for a trajectory result (the dict ``trajectory.json`` holds)."""
+    table, meta = d["table"], d["meta"]
+    trajs = meta["trajectories"]
+    title = "pysafegeom: trajectories " + ", ".join(trajs)
+    common = meta["common_layer"]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<div class='meta'>" + html.escape("; ".join(f"{t}: steps {', '.join(map(str, s))}" for t, s in trajs.items()))
+             + f" &middot; common drift layer {html.escape(json.dumps(common))} &middot; run time {meta['seconds']:.0f} s"
+             + f" &middot; {meta['loading']['adapter_swaps']} adapter swaps, {meta['loading']['fresh_loads']} fresh loads</div>",
+             "<h2>Findings of the paper's abstract (PROTOCOL 8), as found here</h2>", _findings(d["findings"]),
+             "<p class='note'>The miniature is not expected to match the published figures numerically, only in "
+             "direction. \"shown\" means the direction stated holds in these numbers, not that it is significant; see "
+             "the correlation table for the p-values.</p>",
+             "<h2>Against step</h2><div class='grid'>"]
+    parts.append(_chart(table, "coupling |cos(H, R)|", "κ", {
+        "mid band": lambda r: r["kappa_mid_band"], "at carrier": lambda r: r["kappa_at_carrier"],
+        "κ_sub": lambda r: r["kappa_sub"]}, ylim=(0, 1)))
+    parts.append(_chart(table, "attack success rate", "ASR", {
+        "direct": lambda r: _val(r, "direct_asr"), "fixed-source": lambda r: _val(r, "fixed_source_asr")}, ylim=(0, 1)))
+    parts.append(_chart(table, "XSTest any-refusal and benign utility", "share", {
+        "XSTest any-refusal": lambda r: _val(r, "xstest_any_refusal"),
+        "benign answered": lambda r: _val(r, "benign_utility")}, ylim=(0, 1)))
+    parts.append(_chart(table, "carrier layer (relocation)", "layer", {
+        "": lambda r: r["carrier"]["reference_layer"]}))
+    parts.append(_chart(table, "refusal-subspace drift vs first anchor (°)", "mean principal angle", {
+        "common layer": lambda r: (r.get("drift_first") or {}).get("common_deg", 0.0 if r.get("drift_first") is None else None),
+        "own carrier": lambda r: (r.get("drift_first") or {}).get("own_deg", 0.0 if r.get("drift_first") is None else None)},
+        ylim=(0, 90)))
+    parts.append(_chart(table, "consecutive drift (°) and behaviour distance", "", {
+        "drift vs previous": lambda r: (r.get("drift_prev") or {}).get("common_deg"),
+        "‖b − b_first‖ × 90": lambda r: None if r.get("b_distance_first") is None else 90 * r["b_distance_first"]}))
+    parts.append(_chart(table, "effective rank (reference ≈ 1.24)", "erank", {"": lambda r: r["effective_rank"]}))
+    parts.append("</div>")
+    parts.append(f"<p class='note'>Coupling: same-layer |cos(H, R)| averaged over the mid band, at each anchor's carrier, and "
+                 f"κ_sub (k-dimensional). Carrier layer: the selected admissible carrier's layer, or the reference candidate's "
+                 f"where none was admissible (the table says which). Drift: mean principal angle between the refusal "
+                 f"subspaces Q_R of an anchor and of its trajectory's first anchor, at the common layer {html.escape(json.dumps(common))} "
+                 f"and at each anchor's own carrier, so that drift is not confused with relocation. b(t) = "
+                 f"(fixed-source ASR, useful answers per harmful prompt, XSTest any-refusal, benign answered).</p>")
+    if d.get("transfer"):
+        parts.append(_transfer(d["transfer"]))
+    parts.append("<h2>All-anchor diagnostics: correlations</h2>")
+    parts.append(_correlation_table(d["correlations"], meta))
+    parts.append("<h2>Every anchor</h2>")
+    parts.append(_anchor_table(table))
+    parts.append("<p class='note'>Rates: value (k/n; 95% Wilson interval); greedy decoding, substring judge for attack "
+                 "success and benign answers, the XSTest judge for any-refusal. Harmful usefulness without a model judge is "
+                 "the length/specificity heuristic.</p>")
+    parts.append("<h2>Run</h2><pre class='note'>" + html.escape(json.dumps(
+        {"config": meta["config"], "sets": meta["sets"], "cases": meta["cases"], "n_test_cases": meta["n_test_cases"],
+         "drift_reference": meta["drift_reference"], "log": meta["log"]}, indent=1)) + "</pre>")
+    return _page(title, "\n".join(parts))
