@@ -731,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_replay import add_transfer_parser
 
     add_transfer_parser(sub)
+    from .cli_trajectory import add_trajectory_parser
+
+    add_trajectory_parser(sub)
     return p
 
 
