@@ -56,7 +56,8 @@ def setup(tok, tmp_path_factory):
                                                    save_at=(0, 2, 4)), root / name, progress=False)
     store = root / "gcg"
     TestCaseStore(store).add([_case("car", HARMFUL[0]), _case("lock", HARMFUL[1])])
-    return {"root": root, "base": base, "sft": root / "sft", "sft2": root / "sft2", "store": store}
+    stamps = {f.name: f.stat().st_mtime_ns for f in store.iterdir()}
+    return {"root": root, "base": base, "sft": root / "sft", "sft2": root / "sft2", "store": store, "stamps": stamps}
 
 
 def _rate(k, n):
@@ -73,8 +74,9 @@ MATRIX = {"sources": ["sft-0", "sft-4"], "targets": ["sft-0", "sft-4", "sft2-4"]
 def _run(s, out, **kw):
     runs = kw.pop("runs", None) or {"sft": str(s["sft"]),
                                     "sft2": [(k, str(s["sft2"] / f"checkpoint-{k}")) for k in (0, 2, 4)]}
+    cases = kw.pop("cases", s["store"])
     return T.trajectory(runs, out=out, harmful=HARMFUL, harmless=HARMLESS, xstest=XS, benign=BENIGN,
-                        cases=s["store"], progress=False, **{**OPTS, **kw})
+                        cases=cases, progress=False, **{**OPTS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +125,16 @@ def test_api_measures_every_anchor_and_compares_them(measured, setup):
     tr = res.transfer
     assert len(tr["pairs"]) == 4 and tr["unmatched"] == []
     assert {p["source"] for p in tr["pairs"]} == {"sft-0", "sft-4"} and all(p["drift_deg"] is not None for p in tr["pairs"])
+    assert {f.name: f.stat().st_mtime_ns for f in setup["store"].iterdir()} == setup["stamps"]  # the store only read
     saved = json.loads((out / "trajectory.json").read_text())
     assert saved["table"][0]["trajectory"] == "sft" and saved["findings"]
 
 
 def test_resume_after_a_kill_and_mismatched_config(setup, monkeypatch):
+    from pysafegeom.attacks.store import TestCaseStore
+
     out = setup["root"] / "killed"
+    store = shutil.copytree(setup["store"], setup["root"] / "growing")
     real = T.measure_anchor
     calls = []
 
@@ -141,19 +147,26 @@ def test_resume_after_a_kill_and_mismatched_config(setup, monkeypatch):
     monkeypatch.setattr(T, "measure_anchor", dies_on_second)
     runs = {"sft": str(setup["sft"])}
     with pytest.raises(KeyboardInterrupt):
-        _run(setup, out, runs=runs)
+        _run(setup, out, runs=runs, cases=store)
     assert sorted(p.name for p in (out / "anchors").iterdir()) == ["sft-0"]  # finished anchor only, no leftovers
     monkeypatch.setattr(T, "measure_anchor", real)
-    res = _run(setup, out, runs=runs)
+    res = _run(setup, out, runs=runs, cases=store)
     assert [e["skipped"] for e in res.meta["log"]] == [True, False, False]
     before = (out / "anchors" / "sft-2" / "anchor.json").read_text()
-    res = _run(setup, out, runs=runs)
+    analysis = (out / "anchors" / "sft-2" / "analysis" / "result.json").read_text()
+    res = _run(setup, out, runs=runs, cases=store)
     assert all(e["skipped"] for e in res.meta["log"])
     assert (out / "anchors" / "sft-2" / "anchor.json").read_text() == before
+    # the store grows: only the replay is redone, and only the new case generated
+    TestCaseStore(store).add([_case("check", HARMFUL[2])])
+    res = _run(setup, out, runs=runs, cases=store)
+    assert [e.get("refreshed") for e in res.meta["log"]] == ["fixed_source"] * 3
+    assert all(r["fixed_source"]["n_test_cases"] == 3 and r["fixed_source"]["n_generated"] == 1 for r in res.table)
+    assert (out / "anchors" / "sft-2" / "analysis" / "result.json").read_text() == analysis
     with pytest.raises(InvalidArgument, match=r"another configuration \(differs in: config.max_new_tokens\)"):
-        _run(setup, out, runs=runs, max_new_tokens=5)
-    res = _run(setup, out, runs=runs, max_new_tokens=5, force=True)
-    assert not any(e["skipped"] for e in res.meta["log"])
+        _run(setup, out, runs=runs, cases=store, max_new_tokens=5)
+    res = _run(setup, out, runs=runs, cases=store, max_new_tokens=5, force=True)
+    assert not any(e["skipped"] for e in res.meta["log"]) and not any("refreshed" in e for e in res.meta["log"])
 
 
 def test_cli(setup, tmp_path, capsys):

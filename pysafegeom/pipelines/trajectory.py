@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -316,12 +317,25 @@ def _weights_hash(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cases_records(cases) -> list[dict] | None:
+def frozen_cases(cases):
+    """``cases`` (a store, a path, or a list of those) as one read-only in-memory snapshot: every anchor replays the
+    same records, and a store folder that an attack is still writing is only read (never repaired or touched)."""
     if cases is None:
         return None
-    from ..attacks.replay import as_stores
+    from ..attacks.store import TestCaseStore, open_cases
 
-    return [r for s in as_stores(cases) for r in s.records()]
+    items = list(cases) if isinstance(cases, (list, tuple)) else [cases]
+    records, origins = [], []
+    for c in items:
+        if isinstance(c, (str, os.PathLike)) and (Path(c) / "records.jsonl").is_file():
+            store = TestCaseStore(c, read_only=True)
+        else:
+            store = open_cases(c)
+        records += store.records()
+        origins.append(str(store.origin))
+    if not records:
+        raise InvalidArgument(f"cases={cases!r} holds no test cases; point it at a store an attack wrote, or drop it")
+    return TestCaseStore.from_records(records, name="fixed-source", origin=", ".join(origins))
 
 
 # ------------------------------------------------------------------------------------------ one anchor
@@ -389,6 +403,36 @@ def check_hygiene(anchors: list[Anchor], sets: dict[str, list[str]]) -> None:
                           + "; ".join(found) + ". Pass other prompt sets or test cases")
 
 
+def replay_anchor(model, tok, anchor: Anchor, folder: Path, cases, cfg: TrajectoryConfig) -> dict:
+    """Fixed-source replay of ``cases`` into ``folder/replay`` (its generation cache makes a rerun on a grown store
+    generate only the new cases); the ASR summary."""
+    from ..attacks.replay import replay
+
+    summ = replay(cases, model, tok, out=folder / "replay", max_new_tokens=cfg.replay_max_new_tokens,
+                  batch_size=cfg.batch_size, template=cfg.analysis.get("template"), system=cfg.analysis.get("system"),
+                  target_name=anchor.name, progress=False)
+    return {"overall": summ["overall"], "per_method": summ["per_method"], "judge": summ["primary_judge"],
+            "n_test_cases": summ["n_test_cases"], "n_generated": summ["n_generated"],
+            "max_new_tokens": cfg.replay_max_new_tokens, "origin": getattr(cases, "origin", None)}
+
+
+def refresh_fixed_source(model, tok, anchor: Anchor, folder: Path, tmp: Path, cases, cfg: TrajectoryConfig) -> dict:
+    """A finished anchor whose only change is the test cases (a store that has grown): its folder copied into
+    ``tmp`` and the replay redone there; returns the updated record's row."""
+    from .._io import MARKER
+
+    for item in folder.iterdir():
+        if item.name != MARKER:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    row = json.loads((tmp / "anchor.json").read_text(encoding="utf-8"))["row"]
+    t0 = time.perf_counter()
+    row["fixed_source"] = fixed = replay_anchor(model, tok, anchor, tmp, cases, cfg)
+    if fixed["overall"]["asr"] is not None:
+        row["b"][0], row["b_source"] = fixed["overall"]["asr"], "fixed-source ASR"
+    row["seconds"]["replay_refresh"] = time.perf_counter() - t0
+    return row
+
+
 def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: TrajectoryConfig, progress: bool) -> dict:
     """Everything for one anchor, written into ``folder`` (a temporary folder the caller swaps into place)."""
     from ..pipelines.analyze import AnalysisConfig, analyze
@@ -404,15 +448,7 @@ def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: 
     beh = measure_behaviour(model, tok, sets, cfg, acfg.template, acfg.system)
     atomic_write_text(folder / "behaviour.json", json.dumps(json_safe(beh), indent=1, ensure_ascii=False) + "\n")
     t2 = time.perf_counter()
-    fixed = None
-    if inputs["cases"] is not None:
-        from ..attacks.replay import replay
-
-        summ = replay(inputs["cases"], model, tok, out=folder / "replay", max_new_tokens=cfg.replay_max_new_tokens,
-                      batch_size=cfg.batch_size, template=acfg.template, system=acfg.system, target_name=anchor.name,
-                      progress=False)
-        fixed = {"overall": summ["overall"], "per_method": summ["per_method"], "judge": summ["primary_judge"],
-                 "n_test_cases": summ["n_test_cases"], "max_new_tokens": cfg.replay_max_new_tokens}
+    fixed = replay_anchor(model, tok, anchor, folder, inputs["cases"], cfg) if inputs["cases"] is not None else None
     t3 = time.perf_counter()
     m, sel = res.metrics, res.selection
     fs_asr = fixed["overall"]["asr"] if fixed else None
@@ -816,7 +852,8 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
         if not 0 <= common[t] <= L:
             raise InvalidArgument(f"common_layer={common[t]} is outside 0..{L}, the layers of trajectory {t}")
     out = check_output_path(out, kind="dir", content=CONTENT)
-    records = _cases_records(cases)
+    cases = frozen_cases(cases)
+    records = cases.records() if cases is not None else None
     cases_hash = _sha_texts([[r.get("method"), r.get("id"), r.get("test_case")] for r in records]) if records else None
     inputs = {"harmful": harmful, "harmless": harmless, "xstest": xstest, "benign": benign, "cases": cases}
     loaded = {role: load_prompts(spec, role=role) for role, spec in
@@ -833,12 +870,15 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
         for a in anchors:
             fp_cfg = _fingerprint_config(a, cfg, set_hashes, cases_hash, _weights_hash(a.spec), dtype)
             fp = _sha_texts(fp_cfg)
+            core = _sha_texts({k: v for k, v in fp_cfg.items() if k != "cases"})
             folder = out / "anchors" / a.name
             state = "todo"
             if (folder / "anchor.json").is_file():
                 old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
                 if old.get("fingerprint") == fp:
                     state = "done"
+                elif old.get("fingerprint_core") == core and cases is not None and not force:
+                    state = "refresh"  # only the test cases changed (a grown store): replay again, keep the rest
                 elif not force:
                     was = old.get("fingerprint_config", {})
                     diff = sorted(k for k in set(was) | set(fp_cfg) if was.get(k) != fp_cfg.get(k))
@@ -847,7 +887,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     raise InvalidArgument(f"{folder} was measured with another configuration (differs in: "
                                           f"{', '.join(sub or diff)}); use another out=, the same options, or force=True "
                                           f"(--force) to measure it again")
-            plan.append((a, fp, fp_cfg, folder, state))
+            plan.append((a, (fp, core), fp_cfg, folder, state))
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         mark_dir(out, CONTENT)
@@ -861,6 +901,18 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             if progress:
                 print(f"{tag}: done already, skipped", flush=True)
             log.append({"anchor": a.name, "skipped": True})
+        elif state == "refresh":
+            if progress:
+                print(f"{tag}: the test cases changed; replaying them again (the rest is kept)", flush=True)
+            model, tok = loader.load(a.spec)
+            with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                row = refresh_fixed_source(model, tok, a, folder, tmp, cases, cfg)
+                rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
+                (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+            del model
+            log.append({"anchor": a.name, "skipped": False, "refreshed": "fixed_source",
+                        "seconds": row["seconds"]["replay_refresh"]})
         else:
             if progress:
                 print(f"{tag}: measuring", flush=True)
@@ -872,7 +924,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                 row["seconds"]["load"] = t_load
                 row["seconds"]["total"] += t_load
                 row["identity"] = idents[a.name]
-                rec = {"fingerprint": fp, "fingerprint_config": fp_cfg, "row": row}
+                rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
                 (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
                                                  encoding="utf-8")
             del model
@@ -891,7 +943,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                                                                                            "cells") if k in matrix}
     meta = {"trajectories": {t: [a.step for a in anchors] for t, anchors in trajectories.items()},
             "common_layer": common, "config": asdict(cfg), "sets": set_hashes, "cases": cases_hash,
-            "n_test_cases": len(records) if records else 0,
+            "n_test_cases": len(records) if records else 0, "cases_origin": cases.origin if cases is not None else None,
             "drift_reference": "the first anchor of each trajectory (and the previous anchor, for consecutive drift)",
             "p_values": f"exact permutation (every ordering) for n <= {EXACT_MAX_N}, else {MONTE_CARLO_DRAWS} seeded "
                         "random orderings; two-sided unless named",

@@ -160,8 +160,12 @@ def render_trajectory_report(d: dict) -> str:
     parts.append(_chart(table, "coupling |cos(H, R)|", "κ", {
         "mid band": lambda r: r["kappa_mid_band"], "at carrier": lambda r: r["kappa_at_carrier"],
         "κ_sub": lambda r: r["kappa_sub"]}, ylim=(0, 1)))
-    parts.append(_chart(table, "attack success rate", "ASR", {
-        "direct": lambda r: _val(r, "direct_asr"), "fixed-source": lambda r: _val(r, "fixed_source_asr")}, ylim=(0, 1)))
+    methods = list(dict.fromkeys(m for r in table for m in ((r.get("fixed_source") or {}).get("per_method") or {})))
+    asr = {"direct": lambda r: _val(r, "direct_asr"), "fixed-source": lambda r: _val(r, "fixed_source_asr")}
+    if len(methods) > 1:  # each method of the replayed store beside the overall fixed-source ASR
+        asr.update({f"fixed-source {m}": (lambda r, m=m: (((r.get("fixed_source") or {}).get("per_method") or {})
+                                                         .get(m) or {}).get("asr")) for m in methods})
+    parts.append(_chart(table, "attack success rate (adaptive attacks: not run)", "ASR", asr, ylim=(0, 1)))
     parts.append(_chart(table, "XSTest any-refusal and benign utility", "share", {
         "XSTest any-refusal": lambda r: _val(r, "xstest_any_refusal"),
         "benign answered": lambda r: _val(r, "benign_utility")}, ylim=(0, 1)))
