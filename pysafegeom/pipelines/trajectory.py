@@ -180,9 +180,13 @@ def _model_identity(spec: str) -> dict:
         cfg_folder = _folder(str(base))
     c = json.loads((cfg_folder / "config.json").read_text(encoding="utf-8"))
     tok_file = next((f for f in (folder / "tokenizer.json", cfg_folder / "tokenizer.json") if f.is_file()), None)
+    vocab = None
+    if tok_file is not None:  # the vocabulary and merges and the added tokens, not padding/truncation settings
+        t = json.loads(tok_file.read_text(encoding="utf-8"))
+        vocab = _sha_texts([t.get("model"), [[a.get("id"), a.get("content")] for a in t.get("added_tokens") or []]])
     return {"model_type": c.get("model_type"), "n_layers": c.get("num_hidden_layers") or c.get("n_layer"),
             "d_model": c.get("hidden_size") or c.get("n_embd"), "vocab_size": c.get("vocab_size"),
-            "tokenizer_sha256_16": hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16] if tok_file else None}
+            "tokenizer_sha256_16": vocab}
 
 
 def check_anchors(trajectories: dict[str, list[Anchor]]) -> dict[str, dict]:
