@@ -235,7 +235,13 @@ def test_input_checks(setup, tok, tmp_path):
                      cases=bad, progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     with pytest.raises(TypeError, match="unknown trajectory option"):
-        T.trajectory({"sft": str(setup["sft"])}, out=tmp_path / "x", bogus=1)
+        T.trajectory(runs, out=tmp_path / "x", bogus=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        T.trajectory(runs, out=tmp_path / "x", max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_val"):
+        T.trajectory(runs, out=tmp_path / "x", n_val=0)
+    cfg = T._split_options(T.TrajectoryConfig(max_new_tokens=7), {"n_val": 3, "selection_positions": "eoi-1"})
+    assert cfg.max_new_tokens == 7 and cfg.analysis == {"n_val": 3, "selection_positions": ["eoi-1"]}
 
 
 def _brute(x, y):

@@ -812,6 +812,16 @@ def _split_options(config: TrajectoryConfig | None, options: dict) -> Trajectory
         else:
             raise TypeError(f"unknown trajectory option {k!r}; options are {', '.join(f for f in asdict(cfg) if f != 'analysis')} "
                             f"and the analyze options ({', '.join(sorted(analysis_fields))})")
+    from .. import validate as V
+
+    for k in ("max_new_tokens", "replay_max_new_tokens", "batch_size"):
+        V.positive_int(k, getattr(cfg, k))
+    V.optional_positive_int("n_behaviour", cfg.n_behaviour, hint="a cap on each behavioural test set, or None")
+    if cfg.common_layer is not None:
+        V.nonneg_int("common_layer", cfg.common_layer, hint="the layer drift is read at, or None for int(0.6 L)")
+    acfg = AnalysisConfig(**cfg.analysis)
+    V.check_analyze_config(acfg, model_loaded=True, dtype=None, device=None)  # its own messages, before any work
+    cfg.analysis = {k: getattr(acfg, k) for k in cfg.analysis}  # as checked (a single position made a list)
     return cfg
 
 
