@@ -44,7 +44,7 @@ bench: setup
 	$(PY) bench/ops.py
 
 # the two miniature trajectories (R2D2 and its SFT control) into trajectories/runs/, then every anchor measured
-# into trajectories/measure/ (about 2.5 h on 2 cores; a rerun resumes both the training and the measuring)
+# into trajectories/measure/ (1.5-2.5 h on 2 cores; a rerun resumes both the training and the measuring)
 trajectories: setup
 	( OMP_NUM_THREADS=1 $(PY) trajectories/build.py r2d2 & OMP_NUM_THREADS=1 $(PY) trajectories/build.py sft & wait )
 	$(PY) trajectories/build.py export

@@ -594,8 +594,9 @@ def header(rows) -> list[str]:
              f"trajectory's step 0."]
     bases = [r for _, r, shared in rows if shared]
     if bases:
+        sharing = sorted({t for t, _, shared in rows if shared})  # the trajectories in this table, not at measure time
         lines.append(f"Step 0 is the base model {bases[0]['model']}, measured once ({BASE}-0.json) and shared by: "
-                     f"{', '.join(bases[0]['shared_by'])}.")
+                     f"{', '.join(sharing)}.")
     if st.get("limit"):
         lines.append(f"DEBUG RUN: --limit {st['limit']} (the first {st['limit']} prompts of every set).")
     ns = {(r.get("fixed_source") or {}).get("n_test_cases") for r in rs}

@@ -2,6 +2,7 @@
 
     python trajectories/build.py r2d2  [--threads 1] [--cache DIR]
     python trajectories/build.py sft   [--threads 1] [--cache DIR]
+    python trajectories/build.py r2d2-long       # the probe for late reopening (VARIANTS): 200 steps, 1 case per step
     python trajectories/build.py export          # the step logs, configs and pools into trajectories/<name>/
 
 Both runs share everything but the adversarial flag: the clean data (``trajectories/clean.jsonl``, the
@@ -29,10 +30,20 @@ TRAIN = dict(lora=True, lora_r=8, lora_alpha=16, lr=5e-4, schedule="cosine", war
              grad_accum=1, steps=STEPS, save_at=ANCHORS, seed=0, max_len=256)
 
 
+# a probe for the late reopening the paper reports: twice the steps at half the attack per step (one case, not
+# two, per step), so the clean loss has longer to pull the model back while the pool keeps being attacked
+VARIANTS = {"r2d2-long": dict(train=dict(steps=200, save_at=(0, 25, 50, 100, 200)), options=dict(cases_per_step=1))}
+
+
 def options(name: str):
     from pysafegeom.train.r2d2 import R2D2Config
 
-    return R2D2Config.miniature(adversarial=(name == "r2d2"))
+    extra = VARIANTS.get(name, {}).get("options", {})
+    return R2D2Config.miniature(adversarial=(name != "sft"), **extra)
+
+
+def train_options(name: str) -> dict:
+    return {**TRAIN, **VARIANTS.get(name, {}).get("train", {})}
 
 
 def evaluation_sets() -> dict[str, list]:
@@ -64,7 +75,7 @@ def export(cache: pathlib.Path) -> None:
 
     from pysafegeom.train import checkpoints
 
-    for name in ("r2d2", "sft"):
+    for name in ("r2d2", "sft", *VARIANTS):
         src, dst = cache / name, HERE / name
         if not (src / "train_log.jsonl").is_file():
             print(f"{name}: no run in {src}")
@@ -82,7 +93,7 @@ def export(cache: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=["r2d2", "sft", "export"])
+    ap.add_argument("name", choices=["r2d2", "sft", *VARIANTS, "export"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=None)
     args = ap.parse_args(argv)
@@ -97,7 +108,7 @@ def main(argv=None) -> int:
     opts = options(args.name)
     check_disjoint(load_training_behaviors(opts.behaviors), evaluation_sets())
     out = pathlib.Path(args.cache or HERE / "runs" / args.name)
-    cfg = TrainConfig(recipe="r2d2", recipe_options=opts.to_dict(), **TRAIN)
+    cfg = TrainConfig(recipe="r2d2", recipe_options=opts.to_dict(), **train_options(args.name))
     res = run("smollm2-135m-instruct", None, clean_examples(), cfg, out, resume=bool(checkpoints(out)),
               base_spec="smollm2-135m-instruct")
     print(f"{args.name}: {cfg.steps} steps in {res.seconds:.0f} s; checkpoints {sorted(res.checkpoints)} in {out}")
