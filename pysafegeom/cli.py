@@ -655,8 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("train", help="safety fine-tuning (SFT, LoRA or full) with checkpoints and resume",
-                       description="Fine-tune a model on harmful requests paired with refusals and harmless instructions "
-                                   "paired with helpful answers (by default the model's own greedy answers).",
+                       description="Fine-tune a model. --recipe sft: harmful requests paired with refusals and harmless "
+                                   "instructions paired with helpful answers (by default the model's own greedy answers). "
+                                   "--recipe r2d2: HarmBench's adversarial training: clean data (--clean, or the model's own "
+                                   "answers to harmless prompts) plus, every micro-batch, GCG test cases from a persistent "
+                                   "pool attacked against the current weights and trained away from their targets and "
+                                   "toward a refusal; --control gives the matched SFT run. Checkpoints (step 0 allowed) "
+                                   "hold everything needed to resume to identical weights.",
                        epilog="example: pysafegeom train --recipe sft --model smollm2-135m-instruct --out runs/sft "
                               "--steps 100 --save-at 50,100")
     s.add_argument("--recipe", default="sft",
@@ -669,22 +674,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_POS, default=100, help="optimizer steps (default 100)")
     s.add_argument("--save-at", default="", type=_STEPS, help="comma-separated, increasing optimizer steps to checkpoint at (0: the untrained start; the last step is always saved)")
     s.add_argument("--lr", type=_LR, default=2e-4, help="peak learning rate (default 2e-4)")
-    s.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    s.add_argument("--warmup-steps", type=_arg("nonneg_int"), default=10)
-    s.add_argument("--batch-size", type=_POS, default=8)
-    s.add_argument("--grad-accum", type=_POS, default=1)
-    s.add_argument("--max-len", type=_arg("integer", lo=2), default=256)
+    s.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="learning-rate schedule after the warmup: cosine decay to 0 at --steps (default) or constant")
+    s.add_argument("--warmup-steps", type=_arg("nonneg_int"), default=10, help="linear warmup steps (default 10)")
+    s.add_argument("--batch-size", type=_POS, default=8, help="clean examples per micro-batch (default 8)")
+    s.add_argument("--grad-accum", type=_POS, default=1,
+                   help="micro-batches per optimizer step; the loss is weighted by response tokens (default 1)")
+    s.add_argument("--max-len", type=_arg("integer", lo=2), default=256,
+                   help="tokens per training example; longer responses are cut (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     g.add_argument("--full", dest="lora", action="store_false", help="train all weights")
-    s.add_argument("--lora-r", type=_POS, default=8)
-    s.add_argument("--lora-alpha", type=_POS_FLOAT, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lora-r", type=_POS, default=8, help="LoRA rank (default 8)")
+    s.add_argument("--lora-alpha", type=_POS_FLOAT, default=16, help="LoRA scale numerator: scale = alpha / r (default 16)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="fixes the LoRA init, the data order, dropout and (R2D2) the pool draws and GCG (default 0)")
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     s.add_argument("--answers", default=None, help="JSONL of {prompt, response} helpful answers (default: self-distillation)")
     s.add_argument("--distill-tokens", type=_POS, default=96, help="max new tokens of self-distilled answers (default 96)")
-    s.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled train split)")
-    s.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled train split)")
+    s.add_argument("--harmful", default=None, help="harmful prompts file, paired with refusals (default: the bundled train "
+                   "split; r2d2: none)")
+    s.add_argument("--harmless", default=None, help="harmless prompts file, answered by the model itself (default: the "
+                   "bundled train split; r2d2: the shipped anchor pool's harmless training prompts)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default=None, type=_DTYPE, help="float32 or bfloat16 weights to train (default: float32 on "
                    "CPU, the checkpoint's dtype on GPU)")
