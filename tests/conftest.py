@@ -44,3 +44,15 @@ def tok():
     t = AutoTokenizer.from_pretrained(str(resolve(str(path))))
     t.padding_side = "left"
     return t
+
+
+@pytest.fixture(scope="module")
+def base(tok, tmp_path_factory):
+    """A tiny random Llama with the real vocabulary, saved as a model folder (so LoRA checkpoints can name it)."""
+    from pysafegeom.models.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny") / "base"
+    model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

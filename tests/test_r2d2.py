@@ -32,15 +32,6 @@ TINY = dict(pool_size=3, cases_per_step=2, gcg_steps_per_update=1, search_width=
             reset_fraction=0.34, suffix_tokens=(3, 4))
 
 
-@pytest.fixture(scope="module")
-def base(tok, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "base"
-    model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=0)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def _cfg(adversarial=True, **kw):
     opts = R2D2Config(**{**TINY, "adversarial": adversarial, **kw.pop("opts", {})})
     d = dict(recipe="r2d2", recipe_options=opts.to_dict(), steps=4, batch_size=2, lr=5e-3, warmup_steps=1, max_len=96,
@@ -300,7 +291,7 @@ def test_clean_files(tmp_path):
     assert read_chat_examples(f) == [{"prompt": "Hi", "response": "Hello!", "end_turn": True},
                                      {"prompt": "Q", "response": "A", "end_turn": False}]
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
-    with pytest.raises(ValueError, match=":1: 'messages' must end"):
+    with pytest.raises(ValueError, match="row 1: 'messages' must end"):
         read_chat_examples(f)
     assert len(anchor_pool_prompts()) > 500 and len(anchor_pool_prompts("val")) > 50
 

@@ -27,16 +27,6 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base(tok, tmp_path_factory):
-    """A tiny random Llama with the real vocabulary, saved as a model folder (so LoRA checkpoints can name it)."""
-    folder = tmp_path_factory.mktemp("tiny") / "base"
-    model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=0)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def _cfg(**kw):
     d = dict(steps=8, batch_size=3, lr=5e-3, warmup_steps=1, max_len=64, seed=0)
     d.update(kw)

@@ -974,6 +974,10 @@ class GCG:
             if len(ids) != len(self.init_ids[0]):
                 raise AttackError(f"a suffix of {len(ids)} tokens given where the attack's init has {len(self.init_ids[0])}")
             self.init_ids = [ids] + self.init_ids[1:]
+        if ids is not None and self.cfg.buffer_size == 0:
+            # greedy GCG replaces its one-entry buffer at the first step: the start needs no forward to score it
+            return dict(step=0, ids=ids, buffer=[(math.inf, ids)], losses=[], strings=[], id_rows=[], times=[],
+                        n_cand=[], n_scored=[], active=self.active, stopped=False, success_step=None, gen=None)
         gen = generator if generator is not None else torch.Generator().manual_seed(self.cfg.seed)
         return self._initial_state(gen)
 

@@ -193,27 +193,22 @@ def load_training_behaviors(path=None, targets=None) -> list[Behaviour]:
     without a target, or two with one id, is an error naming it."""
     from ..data import load_behaviors
     from ..data._prompt import DataError
+    from ..data.loaders import _read_jsonl
 
     p = Path(path) if path is not None else default_behaviors_path()
     out: list[Behaviour] = []
     if p.suffix == ".jsonl" and targets is None:
         if not p.is_file():
             raise DataError(f"{p}: no such behaviours file")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{n}: not JSON ({exc})") from None
+        for n, row in enumerate(_read_jsonl(p, "rows of {id, behavior, targets}"), 1):
             text = row.get("behavior") or row.get("prompt") or row.get("goal")
             tg = row.get("targets", row.get("target"))
             tg = [tg] if isinstance(tg, str) else list(tg or [])
             bid = str(row.get("id") or row.get("BehaviorID") or f"behavior-{n:04d}")
             if not isinstance(text, str) or V.is_blank(text):
-                raise DataError(f"{p}:{n}: behaviour {bid!r} has no 'behavior' text")
+                raise DataError(f"{p}, row {n}: behaviour {bid!r} has no 'behavior' text")
             if not tg or any(not isinstance(t, str) or V.is_blank(t) for t in tg):
-                raise DataError(f"{p}:{n}: behaviour {bid!r} has no target; R2D2's GCG needs one per behaviour")
+                raise DataError(f"{p}, row {n}: behaviour {bid!r} has no target; R2D2's GCG needs one per behaviour")
             out.append(Behaviour(bid, text, tuple(tg)))
     else:
         for q in load_behaviors(p, targets, require_targets=True):
@@ -232,15 +227,11 @@ def load_training_behaviors(path=None, targets=None) -> list[Behaviour]:
 def anchor_pool_prompts(split: str = "train") -> list[str]:
     """The harmless prompts of the shipped anchor's training pool (matched harmless, safe-sounding and
     everyday; ``split`` "train" or "val"): the default clean prompts, answered by the base model itself."""
+    from ..data.loaders import _read_jsonl
+
     root = Path(str(resources.files("pysafegeom") / "anchors" / "smollm2-135m-safety" / "pool"))
-    out = []
-    for name in ("harmless_matched", "safe_sounds_dangerous", "everyday"):
-        for line in (root / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("split") == split:
-                    out.append(row["prompt"])
-    return out
+    return [row["prompt"] for name in ("harmless_matched", "safe_sounds_dangerous", "everyday")
+            for row in _read_jsonl(root / f"{name}.jsonl", "pool rows") if row.get("split") == split]
 
 
 def read_chat_examples(path) -> list[dict]:
@@ -249,30 +240,25 @@ def read_chat_examples(path) -> list[dict]:
     "response"}`` rows (an optional ``end_turn`` false marks an answer cut short). Bad rows are errors
     naming the line."""
     from ..data._prompt import DataError
+    from ..data.loaders import _read_jsonl
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such clean-data file")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{n}: not JSON ({exc})") from None
+    for n, row in enumerate(_read_jsonl(p, "rows of {messages} or {prompt, response}"), 1):
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
             msgs = row["messages"]
             if (len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs) or msgs[-1].get("role") != "assistant"
                     or msgs[-2].get("role") != "user"):
-                raise DataError(f"{p}:{n}: 'messages' must end with a user turn and the assistant's answer")
+                raise DataError(f"{p}, row {n}: 'messages' must end with a user turn and the assistant's answer")
             prompt, response = msgs[-2].get("content"), msgs[-1].get("content")
         elif isinstance(row, dict):
             prompt, response = row.get("prompt", row.get("instruction")), row.get("response")
         else:
             prompt = response = None
         if not isinstance(prompt, str) or not isinstance(response, str) or V.is_blank(prompt) or V.is_blank(response):
-            raise DataError(f"{p}:{n}: expected {{'messages': [...]}} or {{'prompt', 'response'}} with non-empty text")
+            raise DataError(f"{p}, row {n}: expected {{'messages': [...]}} or {{'prompt', 'response'}} with non-empty text")
         out.append({"prompt": prompt, "response": response, "end_turn": bool(row.get("end_turn", True))})
     if not out:
         raise DataError(f"{p}: no clean training examples")
@@ -442,17 +428,16 @@ class R2D2Recipe(SFTRecipe):
     # -- losses
 
     def _adversarial_batch(self, cases: list[dict]) -> tuple[dict, int]:
-        rows = []
+        """Rows ``[target for each case] + [refusal for each case]`` of context ``prompt + suffix``, labels on the
+        continuation only."""
+        away, toward = [], []
         for case in cases:
             p = self._gcg_for(case).prompts[0]
             ctx = list(p.before_ids) + list(case["suffix_ids"]) + list(p.after_ids)
-            rows.append({"input_ids": ctx + list(p.target_ids), "labels": [IGNORE] * len(ctx) + list(p.target_ids)})
-        for case in cases:
-            p = self._gcg[case["slot"]].prompts[0]
-            ctx = list(p.before_ids) + list(case["suffix_ids"]) + list(p.after_ids)
-            rows.append({"input_ids": ctx + self.refusal_ids, "labels": [IGNORE] * len(ctx) + self.refusal_ids})
+            away.append({"input_ids": ctx + list(p.target_ids), "labels": [IGNORE] * len(ctx) + list(p.target_ids)})
+            toward.append({"input_ids": ctx + self.refusal_ids, "labels": [IGNORE] * len(ctx) + self.refusal_ids})
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return collate(rows, pad), len(cases)
+        return collate(away + toward, pad), len(cases)
 
     def extra_loss(self, micro: int) -> torch.Tensor | None:
         """The weighted adversarial terms for one micro-batch (GCG updates first); None for the control."""
