@@ -66,6 +66,8 @@ class GenerationResult:
     ``stop_reasons``: ``"stop_token"`` (EOS or end-of-turn), ``"stop_string"`` or ``"length"``
     (``max_new_tokens`` reached). ``prompt_tokens``: formatted prompt lengths. ``seconds``: wall time of
     the whole call (formatting and decoding included). ``seed``: the seed sampling used (None for greedy).
+    ``decoded_rows``: row-forwards of the decode steps (a finished row dropped from its batch costs none);
+    ``compactions``: how many times finished rows were dropped.
     """
 
     texts: list[str]
@@ -76,6 +78,8 @@ class GenerationResult:
     seed: int | None = None
     batch_size: int = 0
     n_batches: int = 0
+    decoded_rows: int = 0
+    compactions: int = 0
 
     @property
     def finished(self) -> list[bool]:
@@ -180,6 +184,7 @@ def context_length(model) -> int | None:
 
 
 _FIRST_CHUNK = 64  # generated-token buffer columns allocated first; doubled when full
+_COMPACT_SHARE = 8  # drop finished rows from a batch once at least 1/_COMPACT_SHARE of its decoding rows finished
 
 
 def _grow(gen: torch.Tensor, full_mask: torch.Tensor, max_new_tokens: int, pad: int):
@@ -208,6 +213,7 @@ def generate(
     progress: bool = True,
     return_details: bool = False,
     allow_special_tokens: bool = False,
+    compact: bool = True,
 ) -> list[str] | GenerationResult:
     """Answer each instruction under the chat template; greedy unless ``do_sample``.
 
@@ -225,6 +231,9 @@ def generate(
     and a decode per step; the answer is cut before the match). ``progress``: a tqdm bar over prompts.
     ``allow_special_tokens``: let control tokens written in the instructions (``<|im_end|>``...) be
     tokenised as control tokens (default: as text; :func:`pysafegeom.prompts.encode_prompts`).
+    ``compact``: drop finished rows from their batch (and its KV cache) as they finish, so a short answer stops
+    costing decode steps; off, every row is decoded until its whole batch finishes (same answers up to float
+    rounding of the smaller products, as for batching).
 
     Returns the answers (special tokens dropped, whitespace stripped) in input order, or with
     ``return_details=True`` a :class:`GenerationResult` (token ids, stop reasons, timing).
@@ -241,6 +250,7 @@ def generate(
     _check(max_new_tokens, min_new_tokens, batch_size, do_sample, temperature, top_p, top_k, stop_strings)
     if seed is not None:
         V.integer("seed", seed)
+    V.boolean("compact", compact)
     instructions = V.prompt_list("instructions", instructions, item="instruction")
     ctx = context_length(model)
     enc = encode_prompts(tokenizer, instructions, system=system, template=template, max_length=ctx,
@@ -266,7 +276,7 @@ def generate(
     token_ids: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str] = [LENGTH] * n
     texts: list[str] = [""] * n
-    n_batches = 0
+    n_batches = decoded_rows = n_compactions = 0
 
     was_training = model.training
     model.eval()
@@ -289,6 +299,10 @@ def generate(
                 gen = torch.full((B, cap), pad, dtype=torch.long, device=device)
                 done = torch.zeros(B, dtype=torch.bool, device=device)
                 row_stop = [None] * B  # STOP_STRING where a stop string ended the row
+                # the rows still decoding (indices into the batch): finished rows are dropped from the cache, the mask,
+                # the positions and the sampling keys once enough have finished, so they cost no more forwards
+                active = torch.arange(B, device=device)
+                can_compact = compact and hasattr(cache, "batch_select_indices")
                 steps = 0
                 for step in range(max_new_tokens):
                     if step < min_new_tokens:
@@ -297,21 +311,32 @@ def generate(
                         nxt = _sample(logits, _uniforms(keys, step), temperature, top_k, top_p)
                     else:
                         nxt = logits.argmax(-1)
-                    nxt = nxt.masked_fill(done, pad)
+                    nxt = nxt.masked_fill(done[active], pad)
                     if step == gen.shape[1]:
                         gen, full_mask = _grow(gen, full_mask, max_new_tokens, pad)
-                    gen[:, step] = nxt
+                    gen[active, step] = nxt
                     steps = step + 1
-                    done |= (nxt[:, None] == stops).any(-1)
+                    done[active] |= (nxt[:, None] == stops).any(-1)
                     if stop_strings:
                         done = _stop_string_rows(tokenizer, gen[:, :steps], done, stop_strings, row_stop)
                     if steps == max_new_tokens or bool(done.all()):
                         break
                     last = last + 1
+                    finished = done[active]
+                    n_fin = int(finished.sum()) if can_compact else 0
+                    if n_fin and n_fin * _COMPACT_SHARE >= len(active):
+                        keep = (~finished).nonzero().flatten()
+                        cache.batch_select_indices(keep)
+                        active, nxt, last = active[keep], nxt[keep], last[keep]
+                        full_mask = full_mask[keep]
+                        if keys is not None:
+                            keys = keys[keep]
+                        n_compactions += 1
                     out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :T + steps], position_ids=last,
                                 use_cache=True, **{cache_kw: cache})
                     cache = getattr(out, cache_kw)
                     logits = out.logits[:, -1, :]
+                    decoded_rows += len(active)
                 del cache, out
                 for b, (i, row) in enumerate(zip(idx, gen[:, :steps].tolist())):
                     cut = next((j for j, t in enumerate(row) if t in stop_set), None)
@@ -330,7 +355,7 @@ def generate(
     if not return_details:
         return texts
     return GenerationResult(texts, token_ids, reasons, [len(r) for r in enc.rows], time.perf_counter() - t0,
-                            seed if do_sample else None, batch_size, n_batches)
+                            seed if do_sample else None, batch_size, n_batches, decoded_rows, n_compactions)
 
 
 def _cut_text(text: str, stop_strings) -> str:

@@ -145,6 +145,45 @@ def test_stops_per_row_at_end_of_turn(tok, planted):
     assert short.finished == [e <= 2 for e in expect]
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_finished_rows_leave_the_batch(tok, planted, sample):
+    """Rows that stopped are dropped from the batch and its KV cache: the same tokens as decoding every row to the
+    end of its batch (and as the one-prompt reference), fewer row-forwards."""
+    model, eot = planted
+    prompts = PROMPTS * 3
+    kw = dict(max_new_tokens=9, batch_size=16, progress=False, return_details=True)
+    if sample:
+        kw.update(do_sample=True, seed=7, temperature=0.8)
+    on = generate(model, tok, prompts, **kw)
+    off = generate(model, tok, prompts, compact=False, **kw)
+    assert on.token_ids == off.token_ids and on.texts == off.texts and on.stop_reasons == off.stop_reasons
+    assert on.compactions >= 1 and off.compactions == 0
+    assert on.decoded_rows < off.decoded_rows
+    # without compaction every row of a batch runs until the batch's longest answer (less the prefill step)
+    assert off.decoded_rows == len(prompts) * (max(on.n_new_tokens) - 1)
+    if not sample:
+        assert on.token_ids == reference(model, tok, prompts, 9, {eot})
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma", "mistral"])
+def test_compaction_on_other_caches(tok, arch):
+    model = tiny_model(arch, tokenizer=tok, n_layers=2, d_model=32, seed=3)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def hook(mod, args, kwargs, out):  # rows stop at different steps, as in ``planted``
+        hit = kwargs["position_ids"][:, -1] % 4 == 0
+        out.logits[hit, -1, eot] += 1e4
+        return out
+
+    h = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        on = generate(model, tok, PROMPTS, max_new_tokens=7, progress=False, return_details=True)
+        off = generate(model, tok, PROMPTS, max_new_tokens=7, compact=False, progress=False, return_details=True)
+    finally:
+        h.remove()
+    assert on.token_ids == off.token_ids and on.compactions >= 1 and on.decoded_rows < off.decoded_rows
+
+
 def test_min_new_tokens_masks_the_stop(tok, planted):
     model, eot = planted
     res = generate(model, tok, PROMPTS, max_new_tokens=7, min_new_tokens=7, progress=False, return_details=True)
@@ -286,6 +325,7 @@ def test_hooks_see_the_cache_prefill_then_decode(tok, llama):
     (dict(do_sample=True, top_k=-1), ValueError, "top_k"),
     (dict(temperature=0.7), ValueError, "do_sample=True"),
     (dict(stop_strings=[""]), ValueError, "stop_strings"),
+    (dict(compact="yes"), Exception, "compact"),
 ])
 def test_bad_options_raise(tok, llama, kw, exc, match):
     with pytest.raises(exc, match=match):
