@@ -23,6 +23,8 @@ special tokens split. Instructions without such text are tokenised exactly as de
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 from dataclasses import dataclass, field
 
@@ -281,6 +283,54 @@ def encode_prompts(
         raise InvalidType(f"system must be a string (the system prompt) or None, got {type(system).__name__}")
     if max_length is not None:
         V.positive_int("max_length", max_length)
+    memo = _ENCODINGS.get()
+    if memo is not None:
+        key = (id(tokenizer), template, system, bool(allow_special_tokens), tuple(instructions))
+        hit = memo["rows"].get(key)
+        if hit is not None and hit[0] is tokenizer:
+            memo["hits"] += 1
+            _check_length(hit[1].rows, max_length)
+            return hit[1]
+        memo["misses"] += 1
+        enc = _encode(tokenizer, instructions, system, template, allow_special_tokens)
+        memo["rows"][key] = (tokenizer, enc)
+        _check_length(enc.rows, max_length)
+        return enc
+    enc = _encode(tokenizer, instructions, system, template, allow_special_tokens)
+    _check_length(enc.rows, max_length)
+    return enc
+
+
+def _check_length(rows, max_length):
+    if max_length is not None:
+        worst = max(range(len(rows)), key=lambda i: len(rows[i]))
+        if len(rows[worst]) > max_length:
+            raise ValueError(f"prompt {worst} is {len(rows[worst])} tokens long, more than the model's context of "
+                             f"{max_length} tokens")
+
+
+_ENCODINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pysafegeom_encodings", default=None)
+
+
+@contextlib.contextmanager
+def shared_encoding():
+    """Within this block :func:`encode_prompts` tokenises each (tokenizer, template, system, prompt list) once and
+    hands the same :class:`EncodedPrompts` to every later call (treat it as read-only): capture, selection,
+    generation and replay of many checkpoints with one tokenizer share one encoding (:func:`pysafegeom.trajectory`).
+    Yields the memo's counters ``{"hits": n, "misses": n}`` (read them, do not change them)."""
+    outer = _ENCODINGS.get()
+    if outer is not None:  # nested: the outer block's memo serves
+        yield outer
+        return
+    memo = {"rows": {}, "hits": 0, "misses": 0}
+    token = _ENCODINGS.set(memo)
+    try:
+        yield memo
+    finally:
+        _ENCODINGS.reset(token)
+
+
+def _encode(tokenizer, instructions, system, template, allow_special_tokens) -> EncodedPrompts:
     split = split_template(tokenizer, template, system)
     if _content_is_verbatim(tokenizer, split, system):
         bodies = instructions
@@ -294,11 +344,6 @@ def encode_prompts(
             bodies.append(rendered[len(split.prefix): len(rendered) - len(split.suffix)])
     heads = encode_after_prefix(tokenizer, split.prefix, bodies, allow_special_tokens=allow_special_tokens)
     rows = [list(h) + list(split.suffix_ids) for h in heads]
-    if max_length is not None:
-        worst = max(range(len(rows)), key=lambda i: len(rows[i]))
-        if len(rows[worst]) > max_length:
-            raise ValueError(f"prompt {worst} is {len(rows[worst])} tokens long, more than the model's context of "
-                             f"{max_length} tokens")
     return EncodedPrompts(split, rows, instructions)
 
 

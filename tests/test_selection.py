@@ -135,6 +135,23 @@ def test_planted_carrier_is_selected(planted, tok):
     assert answer.bypass_unfiltered == pytest.approx(rows.mean().item(), abs=1e-4)
 
 
+def test_shared_prefix_selection_equals_full_rows(planted, tok, monkeypatch):
+    """The template prefix run once per batch (the default) scores every candidate as the full-row forwards do."""
+    model, v, U = planted
+    car = planted_grid(v, U, ModelAdapter(model).d_model)
+    kw = dict(positions=["eoi-4", "eoi-2", "eoi-1"], progress=False, batch_size=4)
+    fast = select_carrier(model, tok, car, HARM + HARM_ANSWERED, HARMLESS, [REF], **kw)
+    monkeypatch.setattr(S, "SHARED_PREFIX", False)
+    slow = select_carrier(model, tok, car, HARM + HARM_ANSWERED, HARMLESS, [REF], **kw)
+    assert (fast.outcome, fast.layer, fast.position, fast.n_admissible) == \
+        (slow.outcome, slow.layer, slow.position, slow.n_admissible)
+    for a, b in zip(fast.candidates, slow.candidates):
+        for k in ("bypass", "induce", "kl"):
+            x, y = getattr(a, k), getattr(b, k)
+            assert (x != x and y != y) or x == pytest.approx(y, abs=1e-4, rel=1e-4), (a.layer, a.position, k)
+    assert fast.kl_controls == pytest.approx(slow.kl_controls, abs=1e-5)
+
+
 def test_planted_subspace_at_the_selected_position(planted, tok):
     model, v, U = planted
     cap = capture(model, tok, {"harmful": HARM + HARM_ANSWERED, "harmless": HARMLESS}, refusal_tokens=[REF],
@@ -250,6 +267,7 @@ def scripted(tok, monkeypatch):
     monkeypatch.setattr(S, "ablate", sc.ablate)
     monkeypatch.setattr(S, "add", sc.add)
     monkeypatch.setattr(S, "_last_logits", sc.last_logits)
+    monkeypatch.setattr(S, "SHARED_PREFIX", False)  # the script stands in for the full-row forwards
     R = torch.zeros(6, len(POST), 16, dtype=torch.float64)
     for k, sp in SPEC.items():
         R[sp["at"][0], POST.index(sp["at"][1]), k] = 3.0

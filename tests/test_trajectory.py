@@ -332,3 +332,30 @@ def test_report_renders_in_headless_chromium(measured, tmp_path):
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
     data = screenshot(out / "report.html", tmp_path / "shot.png", tmp_path, size="1200,3000")
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # charts drawn, not an empty page
+
+
+def test_anchors_with_the_same_weights_are_measured_once(setup, tmp_path):
+    """A checkpoint listed twice is copied (by its files); a zero-update LoRA checkpoint of another seed is the base's
+    weights once merged and is copied too (by the loaded weights); every prompt list is tokenised once."""
+    s = setup
+    runs = {"sft": [(k, str(s["sft"] / f"checkpoint-{k}")) for k in (0, 4)],
+            "again": [(0, str(s["sft"] / "checkpoint-0")), (4, str(s["sft"] / "checkpoint-4"))],
+            "seed1": [(0, str(s["sft2"] / "checkpoint-0")), (2, str(s["sft2"] / "checkpoint-2"))]}
+    res = _run(s, tmp_path / "out", runs=runs)
+    log = {e["anchor"]: e for e in res.meta["log"]}
+    assert log["again-0"]["copied_from"] == "sft-0" and log["again-4"]["copied_from"] == "sft-4"
+    assert log["seed1-0"]["copied_from"] == "sft-0"  # other adapter files, the same merged weights
+    assert "copied_from" not in log["seed1-2"] and "copied_from" not in log["sft-4"]
+    rows = {(r["trajectory"], r["step"]): r for r in res.table}
+    for (t, k), src in ((("again", 4), ("sft", 4)), (("seed1", 0), ("sft", 0))):
+        got, want = rows[t, k], rows[src]
+        assert got["spec"] != want["spec"] or t == "again"
+        assert got["same_weights_as"] == f"{src[0]}-{src[1]}"
+        for key in ("kappa_mid_band", "kappa_sub", "effective_rank", "b", "carrier"):
+            assert got[key] == want[key]
+    # measured anchors: sft-0, sft-4, seed1-2; each prompt list encoded by the first and reused by the others
+    enc = res.meta["encoding"]
+    assert enc["reused"] >= 2 * enc["encoded"] > 0
+    # a rerun loads nothing: every folder (copies included) is done
+    again = _run(s, tmp_path / "out", runs=runs)
+    assert all(e.get("skipped") for e in again.meta["log"]) and again.table == res.table

@@ -12,6 +12,9 @@ model through these helpers instead of their own copies, so a convention fixed h
 * **the cache keyword** is ``cache=`` on transformers >= 5.24 and ``past_key_values=`` before;
   :func:`forward_names` finds which.
 * **last logits** run the LM head on the last position only where the model supports ``logits_to_keep``.
+* **a shared prefix** (:class:`SharedPrefixBatches`): prompts under one chat template start with the same
+  tokens (BOS, system turn, the user header). Their last-position logits are the same whether that prefix is
+  run once per batch row or once and broadcast through its KV cache; the second costs the prefix once.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class PrefixCache:
             raise ValueError(f"a prefix cache is built from one row, got {ids.shape[0]}")
         with torch.no_grad():
             out = forward(model, ids, use_cache=True)
-        return cls(ids, out.past_key_values)
+        return cls(ids, getattr(out, forward_names(model)[0]))
 
     def expand(self, batch_size: int):
         """A fresh cache holding the prefix for ``batch_size`` rows."""
@@ -123,3 +126,61 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return int(self.ids.shape[1])
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving at least one token of each row after them."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    k = 0
+    while k < n and all(r[k] == first[k] for r in rows):
+        k += 1
+    return k
+
+
+class SharedPrefixBatches:
+    """Token rows cut into their shared prefix and left-padded, length-sorted batches of what follows it.
+
+    :meth:`last_logits` runs the prefix once per batch (one row; its KV cache repeated over the batch) and the
+    remainders on that cache, under whatever hooks are installed at the call: a hook that edits every position
+    (:func:`pysafegeom.interventions.ablate` / ``add`` with ``positions="all"``) sees the prefix in the first
+    forward and the rest in the second, so the result equals :func:`last_logits` of the full rows up to float
+    rounding. Hooks that tell a prompt forward from a decode step by the cache (``positions="prompt"``) must not
+    be used with it. With a prefix shorter than ``min_prefix`` tokens the full rows are run as usual."""
+
+    def __init__(self, rows: list[list[int]], batch_size: int, pad_id: int, device=None, min_prefix: int = 2):
+        n = len(rows)
+        self.n, self.batch_size = n, batch_size
+        self.P = P = common_prefix_length(rows)
+        if P < min_prefix:
+            P = self.P = 0
+        order = sorted(range(n), key=lambda i: len(rows[i]))
+        inv = torch.empty(n, dtype=torch.long)
+        inv[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+        self.inv = inv.to(device)
+        self.prefix = torch.tensor([rows[0][:P]], dtype=torch.long, device=device) if P else None
+        self.batches = []
+        for s in range(0, n, batch_size):
+            rem = [rows[i][P:] for i in order[s:s + batch_size]]
+            T = max(len(r) for r in rem)
+            ids = torch.full((len(rem), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rem), T), dtype=torch.long)
+            for b, r in enumerate(rem):
+                ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[b, T - len(r):] = 1
+            self.batches.append((ids.to(device), mask.to(device)))
+
+    def last_logits(self, model) -> torch.Tensor:
+        """Next-token logits ``[N, V]`` float64 at each row's last token, in the rows' order."""
+        out = []
+        pc = PrefixCache.build(model, self.prefix) if self.P else None
+        for ids, mask in self.batches:
+            if pc is None:
+                logits = forward(model, ids, mask, last_only=True).logits
+            else:
+                B = ids.shape[0]
+                full = torch.cat([mask.new_ones(B, self.P), mask], dim=1)
+                logits = forward(model, ids, full, cache=pc.expand(B), last_only=True).logits
+            out.append(logits[:, -1].to(torch.float64))
+        return torch.cat(out)[self.inv]

@@ -825,6 +825,37 @@ def _split_options(config: TrajectoryConfig | None, options: dict) -> Trajectory
     return cfg
 
 
+def _content_key(fp_cfg: dict) -> str:
+    """What an anchor's measurement depends on, without its name (spec, step): equal keys, equal measurements."""
+    return _sha_texts({k: v for k, v in fp_cfg.items() if k not in ("spec", "step")})
+
+
+def parameters_hash(model) -> str:
+    """A hash of every parameter's bytes (names, shapes, dtypes, values): equal hashes, equal weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def copy_anchor(src_folder: Path, tmp: Path, anchor: Anchor, src: Anchor, fp: tuple, fp_cfg: dict,
+                wkey: str | None = None) -> None:
+    """Fill ``tmp`` with the measurement of ``src`` (an anchor with the same weights and options) as ``anchor``'s."""
+    from .._io import MARKER
+
+    for item in Path(src_folder).iterdir():
+        if item.name not in (MARKER, "anchor.json"):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    src_rec = json.loads((Path(src_folder) / "anchor.json").read_text(encoding="utf-8"))
+    row, wkey = src_rec["row"], wkey or src_rec.get("loaded_weights_key")
+    row.update(trajectory=anchor.trajectory, step=anchor.step, spec=anchor.spec, same_weights_as=src.name)
+    rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "loaded_weights_key": wkey,
+           "row": row}
+    (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _fingerprint_config(anchor: Anchor, cfg: TrajectoryConfig, set_hashes: dict, cases_hash, weights: str,
                         dtype) -> dict:
     return {"version": VERSION, "spec": anchor.spec, "step": anchor.step, "weights_sha256_16": weights,
@@ -901,50 +932,83 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     raise InvalidArgument(f"{folder} was measured with another configuration (differs in: "
                                           f"{', '.join(sub or diff)}); use another out=, the same options, or force=True "
                                           f"(--force) to measure it again")
-            plan.append((a, (fp, core), fp_cfg, folder, state))
+            plan.append((a, (fp, core, _content_key(fp_cfg)), fp_cfg, folder, state))
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         mark_dir(out, CONTENT)
 
+    from ..prompts import shared_encoding
+
     loader = AnchorLoader(device=device, dtype=dtype)
     rows, results, log = [], {}, []
     t_start = time.perf_counter()
-    for i, (a, fp, fp_cfg, folder, state) in enumerate(plan, 1):
-        tag = f"[{i}/{len(plan)}] {a.name} ({a.spec})"
+    # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
+    # runs from one base and seed) is copied from it, not measured again
+    same = {}
+    for a, fp, _, folder, state in plan:
         if state == "done":
-            if progress:
-                print(f"{tag}: done already, skipped", flush=True)
-            log.append({"anchor": a.name, "skipped": True})
-        elif state == "refresh":
-            if progress:
-                print(f"{tag}: the test cases changed; replaying them again (the rest is kept)", flush=True)
-            model, tok = loader.load(a.spec)
-            with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                row = refresh_fixed_source(model, tok, a, folder, tmp, cases, cfg)
-                rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
-                (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
-            del model
-            log.append({"anchor": a.name, "skipped": False, "refreshed": "fixed_source",
-                        "seconds": row["seconds"]["replay_refresh"]})
-        else:
-            if progress:
-                print(f"{tag}: measuring", flush=True)
-            t0 = time.perf_counter()
-            model, tok = loader.load(a.spec)
-            t_load = time.perf_counter() - t0
-            with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                row = measure_anchor(model, tok, a, tmp, inputs, cfg, progress)
-                row["seconds"]["load"] = t_load
-                row["seconds"]["total"] += t_load
-                row["identity"] = idents[a.name]
-                rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
-                (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
-            del model
-            log.append({"anchor": a.name, "skipped": False, "seconds": row["seconds"]})
-        rows.append(json.loads((folder / "anchor.json").read_text(encoding="utf-8"))["row"])
-        results[a.name] = load_result(folder / "analysis")
+            same.setdefault(fp[2], (a, folder))
+            wkey = json.loads((folder / "anchor.json").read_text(encoding="utf-8")).get("loaded_weights_key")
+            if wkey:
+                same.setdefault(wkey, (a, folder))
+    with shared_encoding() as encodings:  # every prompt list tokenised once for all anchors (one tokenizer)
+        for i, (a, fp, fp_cfg, folder, state) in enumerate(plan, 1):
+            tag = f"[{i}/{len(plan)}] {a.name} ({a.spec})"
+            if state == "todo" and fp[2] in same:
+                src, src_folder = same[fp[2]]
+                if progress:
+                    print(f"{tag}: the same weights as {src.name}; its measurement copied", flush=True)
+                with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                    copy_anchor(src_folder, tmp, a, src, fp, fp_cfg)
+                log.append({"anchor": a.name, "skipped": False, "copied_from": src.name})
+            elif state == "done":
+                if progress:
+                    print(f"{tag}: done already, skipped", flush=True)
+                log.append({"anchor": a.name, "skipped": True})
+            elif state == "refresh":
+                if progress:
+                    print(f"{tag}: the test cases changed; replaying them again (the rest is kept)", flush=True)
+                model, tok = loader.load(a.spec)
+                with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                    row = refresh_fixed_source(model, tok, a, folder, tmp, cases, cfg)
+                    rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
+                    (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
+                                                     encoding="utf-8")
+                del model
+                log.append({"anchor": a.name, "skipped": False, "refreshed": "fixed_source",
+                            "seconds": row["seconds"]["replay_refresh"]})
+            else:
+                if progress:
+                    print(f"{tag}: measuring", flush=True)
+                t0 = time.perf_counter()
+                model, tok = loader.load(a.spec)
+                # the loaded (merged) weights: a LoRA checkpoint with a zero update is the base whatever its A matrix
+                wkey = _sha_texts([_content_key({**fp_cfg, "weights_sha256_16": None}), parameters_hash(model)])
+                t_load = time.perf_counter() - t0
+                if wkey in same:
+                    src, src_folder = same[wkey]
+                    if progress:
+                        print(f"{tag}: loads to the same weights as {src.name}; its measurement copied", flush=True)
+                    with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                        copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
+                    del model
+                    log.append({"anchor": a.name, "skipped": False, "copied_from": src.name})
+                else:
+                    with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                        row = measure_anchor(model, tok, a, tmp, inputs, cfg, progress)
+                        row["seconds"]["load"] = t_load
+                        row["seconds"]["total"] += t_load
+                        row["identity"] = idents[a.name]
+                        rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg,
+                               "loaded_weights_key": wkey, "row": row}
+                        (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False)
+                                                         + "\n", encoding="utf-8")
+                    del model
+                    log.append({"anchor": a.name, "skipped": False, "seconds": row["seconds"]})
+                    same.setdefault(fp[2], (a, folder))
+                    same.setdefault(wkey, (a, folder))
+            rows.append(json.loads((folder / "anchor.json").read_text(encoding="utf-8"))["row"])
+            results[a.name] = load_result(folder / "analysis")
     loader._drop()
 
     across(rows, results, common)
@@ -961,7 +1025,8 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             "drift_reference": "the first anchor of each trajectory (and the previous anchor, for consecutive drift)",
             "p_values": f"exact permutation (every ordering) for n <= {EXACT_MAX_N}, else {MONTE_CARLO_DRAWS} seeded "
                         "random orderings; two-sided unless named",
-            "loading": {"adapter_swaps": loader.swaps, "fresh_loads": loader.fresh}, "log": log,
+            "loading": {"adapter_swaps": loader.swaps, "fresh_loads": loader.fresh},
+            "encoding": {"encoded": encodings["misses"], "reused": encodings["hits"]}, "log": log,
             "seconds": time.perf_counter() - t_start}
     res = TrajectoryResult(rows, corr, tr, findings(rows, corr), meta, out)
     atomic_write_text(out / "trajectory.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False) + "\n")

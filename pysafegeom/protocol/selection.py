@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import validate as V
 from ..interventions.hooks import ablate, add, control_directions
-from ..models.forward import kl_next_token as _kl, last_logits as _last_logits
+from ..models.forward import SharedPrefixBatches, kl_next_token as _kl, last_logits as _last_logits
 from ..prompts import EncodedPrompts, encode_batches as _batches, encode_prompts
 from ..refusal import refusal_scores_from_logits
 from .carriers import Carriers
@@ -188,6 +188,9 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].mean())
 
 
+SHARED_PREFIX = True  # run the prompts' shared template prefix once per batch (False: every row in full)
+
+
 def _sorted_batches(tokenizer, enc: EncodedPrompts, batch_size: int, device):
     """Batches of ``enc``'s rows sorted by length (less padding) and the index that puts their outputs back in order."""
     order = sorted(range(len(enc.rows)), key=lambda i: len(enc.rows[i]))
@@ -289,14 +292,25 @@ def select_carrier(
     grid = [(l, p) for l in layers for p in positions]
     with torch.no_grad():
         device = next(model.parameters()).device
-        both_b, both_inv = _sorted_batches(tokenizer, both, batch_size, device)
-        harmless_b, harmless_inv = _sorted_batches(tokenizer, enc_l, batch_size, device)
+        if SHARED_PREFIX:  # the template's shared prefix run once per batch (every hook here edits all positions)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            both_s = SharedPrefixBatches(both.rows, batch_size, pad, device)
+            harmless_s = SharedPrefixBatches(enc_l.rows, batch_size, pad, device)
 
-        def logits_both():
-            return _last_logits(model, both_b)[both_inv]
+            def logits_both():
+                return both_s.last_logits(model)
 
-        def logits_harmless():
-            return _last_logits(model, harmless_b)[harmless_inv]
+            def logits_harmless():
+                return harmless_s.last_logits(model)
+        else:
+            both_b, both_inv = _sorted_batches(tokenizer, both, batch_size, device)
+            harmless_b, harmless_inv = _sorted_batches(tokenizer, enc_l, batch_size, device)
+
+            def logits_both():
+                return _last_logits(model, both_b)[both_inv]
+
+            def logits_harmless():
+                return _last_logits(model, harmless_b)[harmless_inv]
 
         base = logits_both()
         base_scores = refusal_scores_from_logits(base, refusal_tokens).cpu()
