@@ -47,15 +47,44 @@ def test_capture_subset_of_layers_stops_early(tok):
     from pysafegeom.models import ModelAdapter
 
     ad = ModelAdapter(model)
-    ran = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(ad.layers)]
-    hooks.append(ad.lm_head.register_forward_hook(lambda m, a, o: ran.append("head")))
+    ran = []  # (layer or "head", rows, tokens) of every call
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k, i=i: ran.append((i, *(a[0] if a else k["hidden_states"]).shape[:2])),
+                                             with_kwargs=True) for i, layer in enumerate(ad.layers)]
+    hooks.append(ad.lm_head.register_forward_hook(lambda m, a, o: ran.append(("head", *a[0].shape[:2]))))
     cap = capture(model, tok, SETS, layers=[0, 1], progress=False)
     for h in hooks:
         h.remove()
-    assert "head" not in ran and max(r for r in ran if r != "head") == 1
+    # the shared template prefix runs once through the whole model (one row, the head on its last token only);
+    # every batch of prompts stops after layer 1
+    from pysafegeom.models.forward import common_prefix_length
+    from pysafegeom.prompts import encode_prompts
+
+    P = common_prefix_length([r for p in SETS.values() for r in encode_prompts(tok, p).rows])
+    assert P >= 2
+    late = [r for r in ran if r[0] == "head" or r[0] >= 2]
+    assert late == [(2, 1, P), (3, 1, P), ("head", 1, 1)]
+    assert max(r[0] for r in ran if r[1] > 1) == 1
     full = capture(model, tok, SETS, progress=False)
     torch.testing.assert_close(cap.mean("harmful"), full.mean("harmful")[:2])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_shared_prefix_capture_equals_full_rows(tok, arch, monkeypatch):
+    """The template prefix run once (default) captures what running every row in full does, scores included."""
+    import pysafegeom.protocol.capture as C
+
+    model = tiny_model(arch, tokenizer=tok, n_layers=3, d_model=32, seed=5)
+    rtoks = [tok.encode("I")[0], tok.encode("Sorry")[0]]
+    fast = capture(model, tok, SETS, refusal_tokens=rtoks, batch_size=3, keep_positions="all", progress=False)
+    monkeypatch.setattr(C, "SHARED_PREFIX", False)
+    slow = capture(model, tok, SETS, refusal_tokens=rtoks, batch_size=3, keep_positions="all", progress=False)
+    torch.testing.assert_close(fast.sums, slow.sums, atol=1e-4, rtol=1e-5)
+    assert torch.equal(fast.counts, slow.counts)
+    assert (fast.n_tokens, fast.n_padded_tokens) == (slow.n_tokens, slow.n_padded_tokens)
+    for name in SETS:
+        torch.testing.assert_close(fast.scores[name], slow.scores[name], atol=1e-4, rtol=1e-5)
+        for p in fast.position_names:
+            torch.testing.assert_close(fast.per_prompt[name][p], slow.per_prompt[name][p], atol=1e-5, rtol=1e-5)
 
 
 def test_capture_bad_input(tok):

@@ -109,7 +109,7 @@ class PrefixCache:
         if ids.shape[0] != 1:
             raise ValueError(f"a prefix cache is built from one row, got {ids.shape[0]}")
         with torch.no_grad():
-            out = forward(model, ids, use_cache=True)
+            out = forward(model, ids, use_cache=True, last_only=True)
         return cls(ids, getattr(out, forward_names(model)[0]))
 
     def expand(self, batch_size: int):

@@ -23,10 +23,13 @@ from tqdm.auto import tqdm
 from .. import ops
 from .. import validate as V
 from ..models import ModelAdapter
-from ..models.forward import forward
+from ..models.forward import PrefixCache, common_prefix_length, forward
 from ..prompts import encode_prompts, pad_prompts
 from ..refusal import refusal_scores_from_logits
 
+
+
+SHARED_PREFIX = True  # run the prompts' shared template prefix once and continue every batch from its KV cache
 
 
 class _StopForward(Exception):
@@ -77,12 +80,13 @@ def _layer_input(args, kwargs):
     return kwargs["hidden_states"]
 
 
-def _pad_mixed(tokenizer, encoded, names, batch_items, device):
-    """One left-padded batch from rows of several encoded sets (all formatted with the same template)."""
+def _pad_mixed(tokenizer, encoded, names, batch_items, device, n_prefix: int = 0):
+    """One left-padded batch from rows of several encoded sets (all formatted with the same template), without their
+    first ``n_prefix`` tokens (the shared prefix a KV cache holds); positions count from the trimmed rows' ends."""
     from ..prompts import EncodedPrompts
 
     first = encoded[names[batch_items[0][0]]]
-    rows = [encoded[names[s]].rows[i] for s, i, _ in batch_items]
+    rows = [encoded[names[s]].rows[i][n_prefix:] for s, i, _ in batch_items]
     texts = [encoded[names[s]].instructions[i] for s, i, _ in batch_items]
     return pad_prompts(tokenizer, EncodedPrompts(first.split, rows, texts), device=device)
 
@@ -209,6 +213,15 @@ def capture(
         state["scores"] = refusal_scores_from_logits(logits, refusal_tokens)
         raise _StopForward
 
+    # the template's shared prefix (BOS, system turn, user header) runs once, before the capture hooks are installed;
+    # every batch continues from its KV cache (the positions captured all lie after it)
+    all_rows = [row for name in names for row in encoded[name].rows]
+    n_prefix = 0
+    if SHARED_PREFIX:
+        n_prefix = min(common_prefix_length(all_rows), min(len(r) for r in all_rows) - n_post - 1)
+        n_prefix = n_prefix if n_prefix >= 2 else 0
+    prefix = PrefixCache.build(model, torch.tensor([all_rows[0][:n_prefix]], device=device)) if n_prefix else None
+
     handles = []
     try:
         for slot, l in enumerate(layers):
@@ -221,16 +234,21 @@ def capture(
         n_tok = n_pad = 0
         with torch.no_grad():
             for batch_items in tqdm(batches, desc="capture", unit="batch", disable=not progress):
-                fb = _pad_mixed(tokenizer, encoded, names, batch_items, device)
+                fb = _pad_mixed(tokenizer, encoded, names, batch_items, device, n_prefix)
                 state["pos"] = fb.positions
                 state["rows"] = [None] * nl
                 state["scores"] = None
+                B = fb.input_ids.shape[0]
                 try:
-                    forward(model, fb.input_ids, fb.attention_mask)
+                    if prefix is None:
+                        forward(model, fb.input_ids, fb.attention_mask)
+                    else:
+                        mask = torch.cat([fb.attention_mask.new_ones(B, n_prefix), fb.attention_mask], dim=1)
+                        forward(model, fb.input_ids, mask, cache=prefix.expand(B))
                 except _StopForward:
                     pass
-                n_tok += int(fb.attention_mask.sum())
-                n_pad += fb.input_ids.numel()
+                n_tok += int(fb.attention_mask.sum()) + B * n_prefix
+                n_pad += fb.input_ids.numel() + B * n_prefix
                 rows = torch.stack(state["rows"], dim=1)  # [B, nl, P, d]
                 if not torch.isfinite(rows).all():
                     raise FloatingPointError(
