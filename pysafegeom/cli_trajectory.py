@@ -22,6 +22,14 @@ def _positions(text: str) -> list[str]:
     return items
 
 
+def _methods(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [m for m in items if m not in ("gcg", "autodan")]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: give gcg, autodan or gcg,autodan")
+    return items
+
+
 def cmd_trajectory(args) -> int:
     """``trajectory``: measure every anchor of each run, compare them, write trajectory.json and report.html."""
     from .pipelines.trajectory import trajectory
@@ -34,8 +42,21 @@ def cmd_trajectory(args) -> int:
                                  ("system", args.system), ("n_kl_controls", args.n_kl_controls),
                                  ("n_behaviour", args.n_behaviour), ("common_layer", args.common_layer))
                if v is not None}
+    if args.adaptive_behaviors is None and any(v is not None for v in (
+            args.adaptive_targets, args.adaptive_subset, args.adaptive_methods, args.adaptive_steps, args.adaptive_width,
+            args.adaptive_topk)):
+        raise ValueError("the --adaptive-* options set up the sparse adaptive attacks: give --adaptive-behaviors FILE too")
+    if args.adaptive_behaviors is not None:
+        gcg = {k: v for k, v in (("num_steps", args.adaptive_steps), ("search_width", args.adaptive_width),
+                                 ("topk", args.adaptive_topk)) if v is not None}
+        options.update(gcg=gcg, autodan={"num_steps": args.adaptive_steps} if args.adaptive_steps else {})
+        if args.adaptive_subset is not None:
+            options["adaptive_subset"] = args.adaptive_subset
+        if args.adaptive_methods is not None:
+            options["adaptive_methods"] = tuple(args.adaptive_methods)
     res = trajectory(runs, out=args.out, harmful=args.harmful, harmless=args.harmless, xstest=args.xstest,
                      benign=args.benign, cases=args.cases, force=args.force, transfer=args.transfer,
+                     adaptive_behaviors=args.adaptive_behaviors, adaptive_targets=args.adaptive_targets,
                      device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                      replay_max_new_tokens=args.replay_max_new_tokens, batch_size=args.batch_size,
                      progress=not args.quiet, **options)
@@ -73,6 +94,17 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: anchors/, trajectory.json, report.html")
     p.add_argument("--cases", default=None, help="test-case store replayed on every anchor (fixed-source ASR)")
     p.add_argument("--transfer", default=None, help="a transfer matrix.json (pysafegeom transfer) to analyse")
+    p.add_argument("--adaptive-behaviors", default=None, metavar="FILE",
+                   help="behaviours with targets (HarmBench or AdvBench CSV, JSONL) for sparse adaptive attacks run "
+                        "against every anchor (default: none)")
+    p.add_argument("--adaptive-targets", default=None, metavar="FILE", help="HarmBench targets JSON for those behaviours")
+    p.add_argument("--adaptive-subset", type=pos, default=None, help="behaviours attacked per anchor, one seeded draw "
+                   "shared by all anchors (default 4)")
+    p.add_argument("--adaptive-methods", type=_methods, default=None, help="gcg, autodan or gcg,autodan (default gcg)")
+    p.add_argument("--adaptive-steps", type=pos, default=None, help="optimisation steps per attack (default: the "
+                   "method's, GCG 250 and AutoDAN 100)")
+    p.add_argument("--adaptive-width", type=pos, default=None, help="GCG candidates per step (default 512)")
+    p.add_argument("--adaptive-topk", type=pos, default=None, help="GCG top-k tokens per position (default 256)")
     p.add_argument("--force", action="store_true", help="re-measure anchors whose folders were made with other options")
     p.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled set)")
     p.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled set)")

@@ -160,7 +160,7 @@ def test_resume_after_a_kill_and_mismatched_config(setup, monkeypatch):
     # the store grows: only the replay is redone, and only the new case generated
     TestCaseStore(store).add([_case("check", HARMFUL[2])])
     res = _run(setup, out, runs=runs, cases=store)
-    assert [e.get("refreshed") for e in res.meta["log"]] == ["fixed_source"] * 3
+    assert [e.get("refreshed") for e in res.meta["log"]] == [["fixed_source"]] * 3
     assert all(r["fixed_source"]["n_test_cases"] == 3 and r["fixed_source"]["n_generated"] == 1 for r in res.table)
     assert (out / "anchors" / "sft-2" / "analysis" / "result.json").read_text() == analysis
     with pytest.raises(InvalidArgument, match=r"another configuration \(differs in: config.max_new_tokens\)"):
@@ -191,6 +191,11 @@ def test_cli(setup, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["trajectory", "--run", "no-equals-sign", "--out", str(out)])
+    capsys.readouterr()
+    assert main([*argv, "--adaptive-subset", "2"]) == 2  # the attack options without the behaviours
+    assert "--adaptive-behaviors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--adaptive-methods", "pgd"])
 
 
 def test_input_checks(setup, tok, tmp_path):
@@ -359,3 +364,46 @@ def test_anchors_with_the_same_weights_are_measured_once(setup, tmp_path):
     # a rerun loads nothing: every folder (copies included) is done
     again = _run(s, tmp_path / "out", runs=runs)
     assert all(e.get("skipped") for e in again.meta["log"]) and again.table == res.table
+
+
+def test_sparse_adaptive_attacks_per_anchor_added_later(setup, tmp_path):
+    """GCG against each anchor on a seeded subset: its ASR in the row, the report and the correlations. Added to a
+    finished trajectory, only the attacks run (the analysis is kept); dropped again, they are removed."""
+    from pysafegeom.data import Prompt as P
+
+    s = setup
+    runs = {"sft": [(k, str(s["sft"] / f"checkpoint-{k}")) for k in (0, 4)]}
+    behaviours = [P(HARMFUL[i], f"b{i}", meta={"target": "Sure, here is"}) for i in (2, 3, 4)]
+    out = tmp_path / "out"
+    first = _run(s, out, runs=runs)
+    assert all(r["adaptive"] is None for r in first.table)
+    stamp = (out / "anchors" / "sft-4" / "analysis" / "result.json").read_text()
+    kw = dict(adaptive_behaviors=behaviours, adaptive_subset=2, gcg={"num_steps": 2, "search_width": 8, "topk": 8})
+    res = _run(s, out, runs=runs, **kw)
+    assert [e.get("refreshed") for e in res.meta["log"]] == [["adaptive"]] * 2
+    for r in res.table:
+        g = r["adaptive"]["gcg"]
+        assert g["n"] == 2 and 0 <= g["k"] <= 2 and g["asr"] == g["k"] / 2
+        summ = json.loads((out / "anchors" / f"sft-{r['step']}" / "adaptive" / "gcg" / "summary.json").read_text())
+        assert summ["n"] == 2 and summ["asr"] == g["asr"]
+    assert (out / "anchors" / "sft-4" / "analysis" / "result.json").read_text() == stamp  # the analysis kept
+    assert not (out / ".work" / "sft-4").exists()  # attack states removed once the anchor is written
+    cell = next(c for c in res.correlations["pooled"] if c["behaviour"] == "adaptive_asr")
+    assert cell["n"] in (0, 2)  # defined per anchor (ρ n/a with two anchors)
+    html_text = (out / "report.html").read_text()
+    assert "adaptive gcg" in html_text and "(adaptive attacks: not run)" not in html_text
+    # the same subset every anchor: the records name the same behaviours
+    ids = {r["step"]: sorted(json.loads(line)["id"] for line in
+                             (out / "anchors" / f"sft-{r['step']}" / "adaptive" / "gcg" / "records.jsonl").open())
+           for r in res.table}
+    assert ids[0] == ids[4] and len(ids[0]) == 2
+    # rerun with the same options: nothing to do; without the attacks: they are dropped
+    again = _run(s, out, runs=runs, **kw)
+    assert all(e.get("skipped") for e in again.meta["log"])
+    dropped = _run(s, out, runs=runs)
+    assert [e.get("refreshed") for e in dropped.meta["log"]] == [["adaptive"]] * 2
+    assert all(r["adaptive"] is None for r in dropped.table) and not (out / "anchors" / "sft-4" / "adaptive").exists()
+    with pytest.raises(InvalidArgument, match="adaptive_methods"):
+        _run(s, tmp_path / "bad", runs=runs, adaptive_behaviors=behaviours, adaptive_methods=("pgd",))
+    with pytest.raises(InvalidArgument, match="adaptive_behaviors"):
+        _run(s, tmp_path / "bad", runs=runs, adaptive_targets="targets.json")

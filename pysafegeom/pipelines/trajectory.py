@@ -46,8 +46,8 @@ MONTE_CARLO_DRAWS = 100_000
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 GEOMETRY = ("kappa_mid_band", "kappa_at_carrier", "kappa_sub", "drift_common_deg", "effective_rank")
-BEHAVIOUR = ("direct_asr", "fixed_source_asr", "harmful_usefulness", "xstest_any_refusal", "benign_utility",
-             "benign_ce", "b_distance_first")
+BEHAVIOUR = ("direct_asr", "fixed_source_asr", "adaptive_asr", "harmful_usefulness", "xstest_any_refusal",
+             "benign_utility", "benign_ce", "b_distance_first")
 B_NAMES = ("fixed-source ASR", "harmful usefulness", "XSTest any-refusal", "benign utility")
 
 
@@ -61,6 +61,13 @@ class TrajectoryConfig:
     common_layer: int | None = None       # the common drift layer; None: int(0.6 L) (docs/protocol.md)
     batch_size: int = 16
     analysis: dict = field(default_factory=dict)
+    # sparse adaptive attacks per anchor (with adaptive_behaviors= given to trajectory()): each method optimised
+    # against the anchor itself on the same adaptive_subset behaviours (seeded draw); gcg / autodan: config fields
+    adaptive_subset: int = 4
+    adaptive_methods: tuple = ("gcg",)
+    adaptive_seed: int = 0
+    gcg: dict = field(default_factory=dict)
+    autodan: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -420,21 +427,37 @@ def replay_anchor(model, tok, anchor: Anchor, folder: Path, cases, cfg: Trajecto
             "max_new_tokens": cfg.replay_max_new_tokens, "origin": getattr(cases, "origin", None)}
 
 
-def refresh_fixed_source(model, tok, anchor: Anchor, folder: Path, tmp: Path, cases, cfg: TrajectoryConfig) -> dict:
-    """A finished anchor whose only change is the test cases (a store that has grown): its folder copied into
-    ``tmp`` and the replay redone there; returns the updated record's row."""
+def refresh_anchor(model, tok, anchor: Anchor, folder: Path, tmp: Path, inputs: dict, cfg: TrajectoryConfig,
+                   was: dict, now: dict, progress: bool) -> tuple[dict, list[str]]:
+    """A finished anchor whose only changes are the test cases (a store that has grown) and/or the adaptive
+    attacks (added, changed or dropped): its folder copied into ``tmp``, only those parts redone there; returns the
+    updated row and what was redone."""
     from .._io import MARKER
 
     for item in folder.iterdir():
         if item.name != MARKER:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
     row = json.loads((tmp / "anchor.json").read_text(encoding="utf-8"))["row"]
-    t0 = time.perf_counter()
-    row["fixed_source"] = fixed = replay_anchor(model, tok, anchor, tmp, cases, cfg)
-    if fixed["overall"]["asr"] is not None:
-        row["b"][0], row["b_source"] = fixed["overall"]["asr"], "fixed-source ASR"
-    row["seconds"]["replay_refresh"] = time.perf_counter() - t0
-    return row
+    redone = []
+    if was.get("cases") != now.get("cases"):
+        t0 = time.perf_counter()
+        cases = inputs["cases"]
+        fixed = replay_anchor(model, tok, anchor, tmp, cases, cfg) if cases is not None else None
+        row["fixed_source"] = fixed
+        if fixed is not None and fixed["overall"]["asr"] is not None:
+            row["b"][0], row["b_source"] = fixed["overall"]["asr"], "fixed-source ASR"
+        else:
+            row["b"][0], row["b_source"] = row["direct_asr"]["value"], "direct-request ASR (no cases given)"
+            shutil.rmtree(tmp / "replay", ignore_errors=True)
+        row["seconds"]["replay_refresh"] = time.perf_counter() - t0
+        redone.append("fixed_source")
+    if was.get("adaptive") != now.get("adaptive"):
+        t0 = time.perf_counter()
+        shutil.rmtree(tmp / "adaptive", ignore_errors=True)
+        row["adaptive"] = adaptive_anchor(model, tok, anchor, tmp, inputs, cfg, progress) if inputs["adaptive"] else None
+        row["seconds"]["adaptive_refresh"] = time.perf_counter() - t0
+        redone.append("adaptive")
+    return row, redone
 
 
 def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: TrajectoryConfig, progress: bool) -> dict:
@@ -454,6 +477,8 @@ def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: 
     t2 = time.perf_counter()
     fixed = replay_anchor(model, tok, anchor, folder, inputs["cases"], cfg) if inputs["cases"] is not None else None
     t3 = time.perf_counter()
+    adapt = adaptive_anchor(model, tok, anchor, folder, inputs, cfg, progress) if inputs.get("adaptive") else None
+    t4 = time.perf_counter()
     m, sel = res.metrics, res.selection
     fs_asr = fixed["overall"]["asr"] if fixed else None
     b = [fs_asr if fs_asr is not None else beh["direct_asr"]["value"], beh["useful_per_harmful_prompt"],
@@ -468,11 +493,60 @@ def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: 
         "kappa_sub": m["subspace_coupling"], "effective_rank": m["effective_rank"], "n_layers": res.meta["n_layers"],
         "direct_asr": beh["direct_asr"], "harmful_usefulness": beh["harmful_usefulness"],
         "xstest_any_refusal": beh["xstest_any_refusal"], "benign_utility": beh["benign_utility"],
-        "fixed_source": fixed, "b": b,
+        "fixed_source": fixed, "adaptive": adapt, "b": b,
         "b_source": "fixed-source ASR" if fs_asr is not None else "direct-request ASR (no cases given)",
         "splits": res.meta["splits"],
-        "seconds": {"analysis": t1 - t0, "behaviour": t2 - t1, "replay": t3 - t2, "total": t3 - t0},
+        "seconds": {"analysis": t1 - t0, "behaviour": t2 - t1, "replay": t3 - t2, "adaptive": t4 - t3,
+                    "total": t4 - t0},
     }
+
+
+def adaptive_configs(cfg: TrajectoryConfig) -> dict:
+    """``{method: GCGConfig | AutoDANConfig}`` of the sparse adaptive attacks, checked."""
+    from ..attacks.autodan import AutoDANConfig
+    from ..attacks.gcg import GCGConfig
+
+    out = {}
+    for m in cfg.adaptive_methods:
+        if m == "gcg":
+            c = GCGConfig(**cfg.gcg)
+        elif m == "autodan":
+            c = AutoDANConfig(**cfg.autodan)
+        else:
+            raise InvalidArgument(f"adaptive_methods: unknown method {m!r}; use 'gcg' and/or 'autodan'")
+        c.check()
+        out[m] = c
+    return out
+
+
+def adaptive_subset(behaviors, cfg: TrajectoryConfig) -> list:
+    """The behaviours every anchor is attacked on: ``adaptive_subset`` of them drawn once with ``adaptive_seed``
+    (all when there are no more), in their given order."""
+    import random
+
+    pick = list(behaviors)
+    if cfg.adaptive_subset < len(pick):
+        chosen = set(random.Random(cfg.adaptive_seed).sample(range(len(pick)), cfg.adaptive_subset))
+        pick = [b for i, b in enumerate(pick) if i in chosen]
+    return pick
+
+
+def adaptive_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: TrajectoryConfig, progress: bool) -> dict:
+    """The sparse adaptive attacks against this anchor, run resumably in ``out/.work/<anchor>/`` (a killed run
+    continues each attack from its last step) and copied into ``folder/adaptive/<method>/``; ASR per method."""
+    from ..pipelines.attack import attack_behaviors
+
+    work = inputs["work"] / anchor.name
+    out = {}
+    for method, acfg in adaptive_configs(cfg).items():
+        run_dir = work / method
+        summ = attack_behaviors(model, tok, inputs["adaptive"], acfg, out=run_dir, resume=True, source=anchor.name,
+                                max_new_tokens=cfg.replay_max_new_tokens, progress=progress)
+        shutil.copytree(run_dir, folder / "adaptive" / method, ignore=shutil.ignore_patterns("states"))
+        out[method] = {"asr": summ["asr"], "k": summ["successes"], "n": summ["n"], "ci95": summ["asr_ci95"],
+                       "direct_asr": summ["direct_asr"], "median_best_loss": summ["median_best_loss"],
+                       "seconds": summ["total_wall_seconds"], "judge": summ.get("judge")}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ across anchors
@@ -592,6 +666,10 @@ def _value(row: dict, key: str):
     if key == "fixed_source_asr":
         fs = row.get("fixed_source")
         v = fs["overall"]["asr"] if fs else None
+    if key == "adaptive_asr":  # every method's attacks pooled (successes over attacks)
+        ad = row.get("adaptive") or {}
+        n = sum(m["n"] for m in ad.values())
+        v = sum(m["k"] for m in ad.values()) / n if n else None
     if key == "drift_common_deg":
         v = (row.get("drift_first") or {}).get("common_deg")
     if key == "b_distance_first":
@@ -767,8 +845,14 @@ def findings(rows: list[dict], corr: dict) -> list[dict]:
     add("Effective rank of the refusal carrier stays near 1.24 and flat across training",
         "shown" if flat and near else "not shown",
         f"erank {min(vals):.2f}-{max(vals):.2f} over {len(vals)} anchors" if vals else "no erank")
-    add("Adaptive GCG ASR of R2D2 rises from step 250 to 500 (0.415 -> 0.613)", "not measured",
-        "no adaptive attacks are run by trajectory(); replay adaptive test cases with cases= to see their fixed-source ASR")
+    ad = [(r["step"], ((r.get("adaptive") or {}).get("gcg") or {}).get("asr")) for r in (r2 or [])]
+    ad = [(st, v) for st, v in ad if v is not None]
+    if len(ad) >= 2:
+        add("Adaptive GCG ASR of R2D2 rises late in training (0.415 at step 250 -> 0.613 at 500)",
+            "shown" if ad[-1][1] > ad[-2][1] else "not shown", f"r2d2 adaptive GCG ASR {fmt(ad)}")
+    else:
+        add("Adaptive GCG ASR of R2D2 rises from step 250 to 500 (0.415 -> 0.613)", "not measured",
+            "no adaptive GCG at two or more R2D2 anchors (adaptive_behaviors= runs them)")
     return out
 
 
@@ -817,6 +901,18 @@ def _split_options(config: TrajectoryConfig | None, options: dict) -> Trajectory
     for k in ("max_new_tokens", "replay_max_new_tokens", "batch_size"):
         V.positive_int(k, getattr(cfg, k))
     V.optional_positive_int("n_behaviour", cfg.n_behaviour, hint="a cap on each behavioural test set, or None")
+    V.positive_int("adaptive_subset", cfg.adaptive_subset, hint="behaviours attacked per anchor")
+    V.nonneg_int("adaptive_seed", cfg.adaptive_seed)
+    if isinstance(cfg.adaptive_methods, str):
+        cfg.adaptive_methods = (cfg.adaptive_methods,)
+    cfg.adaptive_methods = tuple(cfg.adaptive_methods)
+    if not cfg.adaptive_methods or any(m not in ("gcg", "autodan") for m in cfg.adaptive_methods) \
+            or len(set(cfg.adaptive_methods)) != len(cfg.adaptive_methods):
+        raise InvalidArgument(f"adaptive_methods={cfg.adaptive_methods!r}: give 'gcg' and/or 'autodan', each once")
+    for k in ("gcg", "autodan"):
+        if not isinstance(getattr(cfg, k), dict):
+            raise InvalidType(f"{k} must be a dict of {'GCGConfig' if k == 'gcg' else 'AutoDANConfig'} fields, got "
+                              f"{type(getattr(cfg, k)).__name__}")
     if cfg.common_layer is not None:
         V.nonneg_int("common_layer", cfg.common_layer, hint="the layer drift is read at, or None for int(0.6 L)")
     acfg = AnalysisConfig(**cfg.analysis)
@@ -856,17 +952,25 @@ def copy_anchor(src_folder: Path, tmp: Path, anchor: Anchor, src: Anchor, fp: tu
     (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+ADAPTIVE_KEYS = ("adaptive_subset", "adaptive_methods", "adaptive_seed", "gcg", "autodan")
+REDOABLE = ("cases", "adaptive")  # what a finished anchor can redo alone (refresh_anchor)
+
+
 def _fingerprint_config(anchor: Anchor, cfg: TrajectoryConfig, set_hashes: dict, cases_hash, weights: str,
-                        dtype) -> dict:
-    return {"version": VERSION, "spec": anchor.spec, "step": anchor.step, "weights_sha256_16": weights,
-            "dtype": None if dtype is None else str(dtype),
-            "config": {k: v for k, v in asdict(cfg).items() if k != "common_layer"}, "sets": set_hashes,
-            "cases": cases_hash}
+                        dtype, adaptive_hash=None) -> dict:
+    fp = {"version": VERSION, "spec": anchor.spec, "step": anchor.step, "weights_sha256_16": weights,
+          "dtype": None if dtype is None else str(dtype),
+          "config": {k: v for k, v in asdict(cfg).items() if k != "common_layer" and k not in ADAPTIVE_KEYS},
+          "sets": set_hashes, "cases": cases_hash}
+    if adaptive_hash is not None:  # absent without adaptive attacks (so folders written before them still match)
+        fp["adaptive"] = {"behaviors": adaptive_hash, **{k: json_safe(getattr(cfg, k)) for k in ADAPTIVE_KEYS}}
+    return fp
 
 
 def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=None, cases=None, config=None,
                progress: bool = True, force: bool = False, transfer=None, transfer_names: dict | None = None,
-               device=None, dtype=None, report: bool = True, **options) -> TrajectoryResult:
+               device=None, dtype=None, report: bool = True, adaptive_behaviors=None, adaptive_targets=None,
+               **options) -> TrajectoryResult:
     """Run the protocol over every anchor of each trajectory and compare them (PROTOCOL.md sections 3 and 7).
 
     ``runs``: ``{name: [(step, spec), ...]}`` (steps strictly increasing; a spec is anything
@@ -900,11 +1004,27 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     cases = frozen_cases(cases)
     records = cases.records() if cases is not None else None
     cases_hash = _sha_texts([[r.get("method"), r.get("id"), r.get("test_case")] for r in records]) if records else None
-    inputs = {"harmful": harmful, "harmless": harmless, "xstest": xstest, "benign": benign, "cases": cases}
+    adaptive = None
+    if adaptive_behaviors is not None:
+        from ..data import load_behaviors
+        from .attack import _check_behaviors
+
+        behaviors = adaptive_behaviors if isinstance(adaptive_behaviors, (list, tuple)) else \
+            load_behaviors(adaptive_behaviors, adaptive_targets)
+        adaptive = adaptive_subset(_check_behaviors(behaviors), cfg)
+        adaptive_configs(cfg)  # the attack options checked before any model loads
+    elif adaptive_targets is not None:
+        raise InvalidArgument("adaptive_targets= is the targets of adaptive_behaviors=; give adaptive_behaviors too")
+    inputs = {"harmful": harmful, "harmless": harmless, "xstest": xstest, "benign": benign, "cases": cases,
+              "adaptive": adaptive, "work": out / ".work"}
     loaded = {role: load_prompts(spec, role=role) for role, spec in
               (("harmful", harmful), ("harmless", harmless), ("xstest_safe", xstest), ("benign", benign))}
     set_hashes = {role: _sha_texts([[p.text, p.split, p.reference] for p in ps]) for role, ps in loaded.items()}
     evaluated = {role: [p.text for p in ps] for role, ps in loaded.items()}
+    adaptive_hash = None
+    if adaptive is not None:
+        adaptive_hash = _sha_texts([[b.id, b.text, b.meta.get("target")] for b in adaptive])
+        evaluated["the adaptive attacks' behaviours"] = [b.text for b in adaptive]
     if records:
         evaluated["the replayed test cases and their behaviours"] = list(dict.fromkeys(
             t for r in records for t in (r.get("test_case"), r.get("behavior")) if t))
@@ -913,17 +1033,17 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     plan = []
     for anchors in trajectories.values():
         for a in anchors:
-            fp_cfg = _fingerprint_config(a, cfg, set_hashes, cases_hash, _weights_hash(a.spec), dtype)
+            fp_cfg = _fingerprint_config(a, cfg, set_hashes, cases_hash, _weights_hash(a.spec), dtype, adaptive_hash)
             fp = _sha_texts(fp_cfg)
-            core = _sha_texts({k: v for k, v in fp_cfg.items() if k != "cases"})
+            core = _sha_texts({k: v for k, v in fp_cfg.items() if k not in REDOABLE})
             folder = out / "anchors" / a.name
             state = "todo"
             if (folder / "anchor.json").is_file():
                 old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
                 if old.get("fingerprint") == fp:
                     state = "done"
-                elif old.get("fingerprint_core") == core and cases is not None and not force:
-                    state = "refresh"  # only the test cases changed (a grown store): replay again, keep the rest
+                elif old.get("fingerprint_core") == core and not force:
+                    state = "refresh"  # only the test cases (a grown store) or the adaptive attacks changed
                 elif not force:
                     was = old.get("fingerprint_config", {})
                     diff = sorted(k for k in set(was) | set(fp_cfg) if was.get(k) != fp_cfg.get(k))
@@ -966,17 +1086,23 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     print(f"{tag}: done already, skipped", flush=True)
                 log.append({"anchor": a.name, "skipped": True})
             elif state == "refresh":
+                old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
+                what = [k for k in REDOABLE if old.get("fingerprint_config", {}).get(k) != fp_cfg.get(k)]
                 if progress:
-                    print(f"{tag}: the test cases changed; replaying them again (the rest is kept)", flush=True)
+                    print(f"{tag}: {' and '.join(what)} changed; redoing only that (the rest is kept)", flush=True)
                 model, tok = loader.load(a.spec)
+                t0 = time.perf_counter()
                 with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                    row = refresh_fixed_source(model, tok, a, folder, tmp, cases, cfg)
-                    rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "row": row}
+                    row, redone = refresh_anchor(model, tok, a, folder, tmp, inputs, cfg, old["fingerprint_config"],
+                                                 fp_cfg, progress)
+                    rec = {**old, "fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg,
+                           "row": row}
                     (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
                                                      encoding="utf-8")
                 del model
-                log.append({"anchor": a.name, "skipped": False, "refreshed": "fixed_source",
-                            "seconds": row["seconds"]["replay_refresh"]})
+                shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
+                log.append({"anchor": a.name, "skipped": False, "refreshed": redone,
+                            "seconds": time.perf_counter() - t0})
             else:
                 if progress:
                     print(f"{tag}: measuring", flush=True)
@@ -1004,6 +1130,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                         (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False)
                                                          + "\n", encoding="utf-8")
                     del model
+                    shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
                     log.append({"anchor": a.name, "skipped": False, "seconds": row["seconds"]})
                     same.setdefault(fp[2], (a, folder))
                     same.setdefault(wkey, (a, folder))

@@ -58,6 +58,12 @@ def _rate_cell(r: dict | None) -> str:
     return f"{v:.2f} ({r['k']}/{r['n']}; {r['ci_low']:.2f}&ndash;{r['ci_high']:.2f})"
 
 
+def _adaptive_cell(ad: dict | None) -> str:
+    if not ad:
+        return "not run"
+    return "; ".join(f"{html.escape(m)} {v['asr']:.2f} ({v['k']}/{v['n']})" for m, v in ad.items())
+
+
 def _findings(findings: list[dict]) -> str:
     items = []
     for f in findings:
@@ -69,7 +75,7 @@ def _findings(findings: list[dict]) -> str:
 
 def _anchor_table(table: list[dict]) -> str:
     head = ["trajectory", "step", "carrier (layer, position)", "admissible", "κ mid band", "κ at carrier", "κ_sub",
-            "erank", "direct ASR", "fixed-source ASR", "harmful usefulness", "XSTest any-refusal", "benign answered",
+            "erank", "direct ASR", "fixed-source ASR", "adaptive ASR", "harmful usefulness", "XSTest any-refusal", "benign answered",
             "drift vs first (common / own, °)", "drift vs previous (common / own, °)", "1 − |cos R| vs first",
             "‖b − b_first‖", "s"]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
@@ -80,7 +86,8 @@ def _anchor_table(table: list[dict]) -> str:
         df, dp = r.get("drift_first") or {}, r.get("drift_prev") or {}
         cells = [r["trajectory"], r["step"], where, c["n_admissible"], _f(r["kappa_mid_band"]), _f(r["kappa_at_carrier"]),
                  _f(r["kappa_sub"]), _f(r["effective_rank"], 2), _rate_cell(r["direct_asr"]),
-                 _rate_cell((r.get("fixed_source") or {}).get("overall")), _rate_cell(r["harmful_usefulness"]),
+                 _rate_cell((r.get("fixed_source") or {}).get("overall")), _adaptive_cell(r.get("adaptive")),
+                 _rate_cell(r["harmful_usefulness"]),
                  _rate_cell(r["xstest_any_refusal"]), _rate_cell(r["benign_utility"]),
                  f"{_f(df.get('common_deg'), 1)} / {_f(df.get('own_deg'), 1)}" if df else "&mdash;",
                  f"{_f(dp.get('common_deg'), 1)} / {_f(dp.get('own_deg'), 1)}" if dp else "&mdash;",
@@ -165,7 +172,11 @@ def render_trajectory_report(d: dict) -> str:
     if len(methods) > 1:  # each method of the replayed store beside the overall fixed-source ASR
         asr.update({f"fixed-source {m}": (lambda r, m=m: (((r.get("fixed_source") or {}).get("per_method") or {})
                                                          .get(m) or {}).get("asr")) for m in methods})
-    parts.append(_chart(table, "attack success rate (adaptive attacks: not run)", "ASR", asr, ylim=(0, 1)))
+    ad_methods = list(dict.fromkeys(m for r in table for m in (r.get("adaptive") or {})))
+    for m in ad_methods:
+        asr[f"adaptive {m}"] = lambda r, m=m: ((r.get("adaptive") or {}).get(m) or {}).get("asr")
+    parts.append(_chart(table, "attack success rate" + ("" if ad_methods else " (adaptive attacks: not run)"), "ASR",
+                        asr, ylim=(0, 1)))
     parts.append(_chart(table, "XSTest any-refusal and benign utility", "share", {
         "XSTest any-refusal": lambda r: _val(r, "xstest_any_refusal"),
         "benign answered": lambda r: _val(r, "benign_utility")}, ylim=(0, 1)))
