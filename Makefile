@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pysafegeom-installed
 SOURCES := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench info clean trajectories
+.PHONY: setup demo test bench info clean trajectories trajectory-report
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ trajectories: setup
 	$(PY) bench/trajectory_measure.py --trajectory r2d2=trajectories/runs/r2d2 --trajectory sft=trajectories/runs/sft \
 	    --fixed-source trajectories/fixed_source/gcg,bench/transfer/adaptive/smollm2-135m-instruct-c77a1476bd/gcg \
 	    --out trajectories/measure --threads 2
+
+# pysafegeom.trajectory over the miniature runs' checkpoints (made by `make trajectories`): drift, relocation,
+# correlations and the trajectory report, exported to trajectories/analysis/ (report.html, trajectory.json)
+trajectory-report: setup
+	@test -d trajectories/runs/r2d2/checkpoint-0 || { echo "trajectories/runs/ holds no checkpoints: run make trajectories first"; exit 2; }
+	OMP_NUM_THREADS=2 trajectories/run_trajectory.sh
+	mkdir -p trajectories/analysis
+	cp trajectories/runs/trajectory/trajectory.json trajectories/runs/trajectory/report.html trajectories/analysis/
 
 info: setup
 	$(PY) -m pysafegeom info

@@ -19,6 +19,8 @@
 #      SmolLM2-shaped and a Llama-3.2-1B-shaped model (bench/gcg_gpu.py); tests/test_gcg.py    -> gcg.log
 #   6d. R2D2: full fine-tuning steps in bf16 on a random Llama-3.2-1B-shaped model with HarmBench's R2D2
 #      settings, the step's time split (bench/r2d2_gpu.py)                                   -> r2d2.log
+#   6e. trajectory: two quick LoRA SFT runs of SmolLM2 on the GPU, pysafegeom.trajectory against the same
+#      measurements by separate calls (bench/trajectory.py --synthetic)                     -> trajectory.log
 #   6. compute-sanitizer memcheck over every CUDA op at small sizes, if time is left            -> sanitizer.log
 # The last lines printed are a summary table (also in summary.log). Exit status: 0 when every step that
 # ran passed.
@@ -369,6 +371,17 @@ elif run_step r2d2 "$OUT/r2d2.log" "$(cap 200)" "$PY" bench/r2d2_gpu.py ${GPU_CH
   note r2d2 PASS $((SECONDS - t0)) "$(grep -E '^median' "$OUT/r2d2.log" | tr -s ' ')"
 else
   note r2d2 FAIL $((SECONDS - t0)) "see r2d2.log"
+fi
+
+# --- 6e. trajectory on the GPU: two quick LoRA SFT runs of SmolLM2 (checkpoints 0, 2, 4), ours vs separate calls ---
+t0=$SECONDS
+if [ "$(left)" -lt 120 ] || [ ! -f bench/trajectory.py ]; then
+  note trajectory SKIP 0 "not enough of the time budget left ($(left)s) or no bench/trajectory.py"
+elif run_step trajectory "$OUT/trajectory.log" "$(cap 240)" "$PY" bench/trajectory.py --synthetic /tmp/psg_traj --quick \
+    --paths ours,separate --threads 8 --out "$OUT/trajectory_results.json"; then
+  note trajectory PASS $((SECONDS - t0)) "$(grep -E '^\| (ours|separate) ' "$OUT/trajectory.log" | tr -s ' ' | tr '\n' ' ')"
+else
+  note trajectory FAIL $((SECONDS - t0)) "see trajectory.log"
 fi
 
 # --- 6. compute-sanitizer memcheck (each tensor its own allocation, so out-of-bounds accesses show) ----

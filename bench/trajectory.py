@@ -22,7 +22,7 @@ per-anchor setting stated below) and the same prompt sets and test cases:
 
 No peer measures checkpoints (../shared/research/PEERS.md), so there is no peer column.
 
-    python bench/trajectory.py [--quick] [--paths ours,separate,before,analyze] [--threads 2]
+    python bench/trajectory.py [--quick] [--paths ours,separate,before,analyze] [--threads 2] [--synthetic DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ QUICK = dict(n_val=16, selection_layer_stride=3, n_kl_controls=8, n_behaviour=16
              replay_max_new_tokens=32, batch_size=16)
 FULL = dict(max_new_tokens=48, replay_max_new_tokens=64, batch_size=16)
 ANALYSIS_KEYS = ("n_val", "selection_layer_stride", "n_kl_controls")
+
+
+def synthetic(folder: Path, model: str, device=None) -> list[str]:
+    """Two quick LoRA SFT runs of ``model`` (seeds 0 and 1, checkpoints 0, 2 and 4) on 8 of trajectories/clean.jsonl's
+    examples, for a machine without the miniature runs (a fresh clone, the GPU check); returns --run arguments."""
+    from pysafegeom.train import TrainConfig, run
+    from pysafegeom.train.r2d2 import read_chat_examples
+
+    examples = read_chat_examples(ROOT / "trajectories" / "clean.jsonl")[:8]
+    out = []
+    for name, seed in (("a", 0), ("b", 1)):
+        d = folder / name
+        if not (d / "checkpoint-4").is_dir():
+            run(model, None, examples, TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=0, max_len=192, seed=seed,
+                                                   save_at=(0, 2, 4)), d, progress=False, device=device)
+        out.append(f"{name}={d}")
+    return out
 
 
 def anchors(args) -> dict[str, list[tuple[int, str]]]:
@@ -153,13 +170,20 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the cheaper per-anchor setting (see QUICK)")
     ap.add_argument("--paths", default="ours,separate,before,analyze")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--synthetic", default=None, metavar="DIR",
+                    help="train two quick LoRA SFT runs (checkpoints 0, 2, 4) into DIR and use them (steps 0,4)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="--synthetic: the base model")
     ap.add_argument("--out", default=str(ROOT / "bench" / "trajectory_results.json"))
     args = ap.parse_args()
-    args.run = args.run or [f"r2d2={ROOT / 'trajectories' / 'runs' / 'r2d2'}", f"sft={ROOT / 'trajectories' / 'runs' / 'sft'}"]
-    args.steps = [int(s) for s in args.steps.split(",")]
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        args.run = synthetic(Path(args.synthetic), args.model)
+        if args.steps == "0,10":
+            args.steps = "0,4"
+    args.run = args.run or [f"r2d2={ROOT / 'trajectories' / 'runs' / 'r2d2'}", f"sft={ROOT / 'trajectories' / 'runs' / 'sft'}"]
+    args.steps = [int(s) for s in args.steps.split(",")]
     runs = anchors(args)
     opts = dict(QUICK if args.quick else FULL)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
