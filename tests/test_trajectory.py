@@ -128,6 +128,10 @@ def test_api_measures_every_anchor_and_compares_them(measured, setup):
     assert {f.name: f.stat().st_mtime_ns for f in setup["store"].iterdir()} == setup["stamps"]  # the store only read
     saved = json.loads((out / "trajectory.json").read_text())
     assert saved["table"][0]["trajectory"] == "sft" and saved["findings"]
+    md = (out / "table.md").read_text().splitlines()
+    rows = [line for line in md if line.startswith("| sft")]
+    assert len(rows) == 6 and all(line.count(" | ") == 15 for line in rows)  # 16 columns, no stray pipe
+    assert any(line.startswith("| kappa_mid_band | benign_ce |") for line in md)
 
 
 def test_resume_after_a_kill_and_mismatched_config(setup, monkeypatch):

@@ -984,7 +984,8 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
 
     Each anchor is written atomically to ``out/anchors/<name>-<step>/`` and skipped on a later run when its
     fingerprint (weights, options, prompt sets, cases) matches; a mismatching one is refused unless
-    ``force=True``. Returns a :class:`TrajectoryResult` and writes ``out/trajectory.json`` (and ``report.html``).
+    ``force=True``. Returns a :class:`TrajectoryResult` and writes ``out/trajectory.json``, ``out/table.md`` (the anchor
+    and correlation tables in Markdown) and ``report.html``.
     """
     from ..data import load_prompts
     from ..pipelines.analyze import load_result
@@ -1157,9 +1158,10 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             "seconds": time.perf_counter() - t_start}
     res = TrajectoryResult(rows, corr, tr, findings(rows, corr), meta, out)
     atomic_write_text(out / "trajectory.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False) + "\n")
-    if report:
-        from ..report.trajectory_report import render_trajectory_report
+    from ..report.trajectory_report import render_trajectory_report, trajectory_markdown
 
+    atomic_write_text(out / "table.md", trajectory_markdown(res.to_json()))
+    if report:
         atomic_write_text(out / "report.html", render_trajectory_report(res.to_json()))
     return res
 

@@ -15,7 +15,7 @@ import json
 from . import _f, _page  # the number format and page wrapper of the analysis report
 from .svg import line_chart
 
-__all__ = ["render_trajectory_report"]
+__all__ = ["render_trajectory_report", "trajectory_markdown"]
 
 STATUS_COLOUR = {"shown": "#2ca02c", "not shown": "#d62728", "not measured": "#777", "cannot be judged": "#777"}
 
@@ -210,3 +210,47 @@ def render_trajectory_report(d: dict) -> str:
         {"config": meta["config"], "sets": meta["sets"], "cases": meta["cases"], "n_test_cases": meta["n_test_cases"],
          "drift_reference": meta["drift_reference"], "log": meta["log"]}, indent=1)) + "</pre>")
     return _page(title, "\n".join(parts))
+
+
+def _md_rate(r: dict | None) -> str:
+    if not r:
+        return "n/a"
+    v = r.get("value", r.get("asr"))
+    return "n/a" if v is None or v != v else f"{r['k']}/{r['n']}"
+
+
+def trajectory_markdown(d: dict) -> str:
+    """The anchor table and the correlation table of a trajectory result (``trajectory.json``) as Markdown."""
+    table, corr = d["table"], d["correlations"]
+    lines = ["| trajectory | step | carrier | admissible | κ mid | κ carrier | κ_sub | erank | direct ASR | fixed-source ASR "
+             "| adaptive ASR | XSTest any-refusal | benign answered | drift vs first, common / own (°) | 1 − \\|cos R\\| "
+             "| ‖b − b_first‖ |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        c, df = r["carrier"], r.get("drift_first") or {}
+        where = f"L{c['layer']} {c['position']}" if c["layer"] is not None else \
+            f"none (ref. L{c['reference_layer']} {c['reference_position']})"
+        ad = r.get("adaptive") or {}
+        lines.append("| " + " | ".join([
+            r["trajectory"], str(r["step"]), where, str(c["n_admissible"]), _f(r["kappa_mid_band"]),
+            _f(r["kappa_at_carrier"]), _f(r["kappa_sub"]), _f(r["effective_rank"], 2), _md_rate(r["direct_asr"]),
+            _md_rate((r.get("fixed_source") or {}).get("overall")),
+            ", ".join(f"{m} {v['k']}/{v['n']}" for m, v in ad.items()) or "—",
+            _md_rate(r["xstest_any_refusal"]), _md_rate(r["benign_utility"]),
+            f"{_f(df.get('common_deg'), 1)} / {_f(df.get('own_deg'), 1)}" if df else "—",
+            _f(df.get("R_direction_drift")) if df else "—", _f(r.get("b_distance_first"))]) + " |")
+    groups = list(corr)
+    out = ["\n".join(lines), "",
+           "Spearman ρ (n) and two-sided permutation p (exact for n <= 10), pooled and per trajectory:", "",
+           "| geometry | behaviour | " + " | ".join(f"{g}: ρ (n) | p" for g in groups) + " |",
+           "|---|---|" + "---:|---:|" * len(groups)]
+    for cell in corr[groups[0]]:
+        gk, bk = cell["geometry"], cell["behaviour"]
+        row = []
+        for g in groups:
+            c = next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)
+            row += ["n/a" if c["rho"] is None else f"{c['rho']:+.2f} ({c['n']})", _p(c["p_two_sided"])]
+        if all(v == "n/a" for v in row[0::2]):
+            continue
+        out.append(f"| {gk} | {bk} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
