@@ -309,7 +309,7 @@ def _row(traj, step, fs, xs, ben, kappa, drift, layer, erank=1.24):
             "xstest_any_refusal": {"value": xs}, "benign_utility": {"value": ben}, "harmful_usefulness": rate,
             "kappa_mid_band": kappa, "kappa_at_carrier": kappa, "kappa_sub": kappa ** 2, "effective_rank": erank,
             "drift_first": None if drift is None else {"common_deg": drift}, "b_distance_first": 0.1 * step / 500,
-            "carrier": {"reference_layer": layer}}
+            "carrier": {"reference_layer": layer, "layer": layer}}
 
 
 def test_findings_on_the_published_pattern():
@@ -328,6 +328,11 @@ def test_findings_on_the_published_pattern():
     g = {x["finding"].split(":")[0]: x["status"] for x in T.findings(flipped, T.correlations(flipped))}
     assert g["R2D2 coupling is high early and lower later; SFT ends low"] == "not shown"
     assert g["Effective rank of the refusal carrier stays near 1.24 and flat across training"] == "not shown"
+    # relocation needs an admissible carrier at the first and the last anchor; a reference candidate is not one
+    none_last = [dict(r, carrier={"reference_layer": 5, "layer": None}) if r["step"] == 500 else r for r in rows]
+    h = {x["finding"]: x for x in T.findings(none_last, T.correlations(none_last))}
+    reloc = h["R2D2's carrier sits late through step 100 and relocates earlier by step 250"]
+    assert reloc["status"] == "cannot be judged" and "none admissible (ref. L5)" in reloc["evidence"]
 
 
 def test_report_renders_in_headless_chromium(measured, tmp_path):

@@ -827,17 +827,12 @@ def findings(rows: list[dict], corr: dict) -> list[dict]:
         add("Benign utility: early R2D2 fails, later partly recovers",
             "shown" if len(v) >= 3 and min(v[1:-1] or v) < v[0] and v[-1] > min(v) else "not shown",
             f"r2d2 benign answered {fmt(bu)}")
-        lay = [(r["step"], r["carrier"]["reference_layer"]) for r in r2]
-        add("R2D2's carrier sits late through step 100 and relocates earlier by step 250",
-            "shown" if lay[-1][1] < lay[0][1] else "not shown",
-            "r2d2 carrier layer " + ", ".join(f"{s}: {l}" for s, l in lay))
+        add("R2D2's carrier sits late through step 100 and relocates earlier by step 250", *_relocation(r2, "r2d2"))
     else:
         for f in ("R2D2 XSTest over-refusal falls", "R2D2 benign utility fails then recovers", "R2D2 relocates earlier"):
             add(f, "cannot be judged", "needs a trajectory named r2d2")
     if sft:
-        lay = [(r["step"], r["carrier"]["reference_layer"]) for r in sft]
-        add("SFT relocates its carrier earlier", "shown" if lay[-1][1] < lay[0][1] else "not shown",
-            "sft carrier layer " + ", ".join(f"{s}: {l}" for s, l in lay))
+        add("SFT relocates its carrier earlier", *_relocation(sft, "sft"))
     er = [(r["trajectory"], r["step"], r["effective_rank"]) for r in rows if r["effective_rank"] is not None]
     vals = [e for *_, e in er]
     flat = bool(vals) and max(vals) - min(vals) < 0.1
@@ -854,6 +849,20 @@ def findings(rows: list[dict], corr: dict) -> list[dict]:
         add("Adaptive GCG ASR of R2D2 rises from step 250 to 500 (0.415 -> 0.613)", "not measured",
             "no adaptive GCG at two or more R2D2 anchors (adaptive_behaviors= runs them)")
     return out
+
+
+def _relocation(rows: list[dict], name: str) -> tuple[str, str]:
+    """Relocation earlier = the last anchor's selected carrier layer below the first's. Judged only when both anchors
+    have an admissible carrier: a reference candidate (none admissible) is not a carrier, and its layer can jump."""
+    def where(r):
+        c = r["carrier"]
+        return f"L{c['layer']}" if c["layer"] is not None else f"none admissible (ref. L{c['reference_layer']})"
+
+    evidence = f"{name} carrier layer " + ", ".join(f"{r['step']}: {where(r)}" for r in rows)
+    first, last = rows[0]["carrier"]["layer"], rows[-1]["carrier"]["layer"]
+    if first is None or last is None:
+        return "cannot be judged", evidence + " (the first or last anchor has no admissible carrier)"
+    return ("shown" if last < first else "not shown"), evidence
 
 
 def _within_informative(corr: dict, r2: str, sft: str) -> tuple[str, str]:
