@@ -112,7 +112,11 @@ def _correlation_table(corr: dict, meta: dict) -> str:
            "<table><tr><th>geometry</th><th>behaviour</th>"
            + "".join(f"<th>{html.escape(g)}: ρ (n)</th><th>p two-sided</th>" for g in groups) + "</tr>"]
     keys = [(c["geometry"], c["behaviour"]) for c in corr[groups[0]]]
+    undefined = []
     for gk, bk in keys:
+        if all(next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)["rho"] is None for g in groups):
+            undefined.append(f"{gk} × {bk}")
+            continue
         cells = []
         for g in groups:
             c = next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)
@@ -123,6 +127,9 @@ def _correlation_table(corr: dict, meta: dict) -> str:
         out.append(f"<tr><th style='text-align:left'>{html.escape(gk)}</th><th style='text-align:left'>"
                    f"{html.escape(bk)}</th>{''.join(cells)}</tr>")
     out.append("</table>")
+    if undefined:
+        out.append("<p class='note'>Undefined everywhere (a constant side, or fewer than 3 anchors with a value), left "
+                   "out: " + html.escape(", ".join(undefined)) + ".</p>")
     return "\n".join(out)
 
 
@@ -157,7 +164,9 @@ def render_trajectory_report(d: dict) -> str:
     common = meta["common_layer"]
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<div class='meta'>" + html.escape("; ".join(f"{t}: steps {', '.join(map(str, s))}" for t, s in trajs.items()))
-             + f" &middot; common drift layer {html.escape(json.dumps(common))} &middot; run time {meta['seconds']:.0f} s"
+             + f" &middot; common drift layer {html.escape(json.dumps(common))} &middot; measured in "
+             + f"{sum(r['seconds']['total'] for r in table if not r.get('same_weights_as')):.0f} s over the anchors "
+             + f"(this run {meta['seconds']:.0f} s)"
              + f" &middot; {meta['loading']['adapter_swaps']} adapter swaps, {meta['loading']['fresh_loads']} fresh loads</div>",
              "<h2>Findings of the paper's abstract (PROTOCOL 8), as found here</h2>", _findings(d["findings"]),
              "<p class='note'>The miniature is not expected to match the published figures numerically, only in "
