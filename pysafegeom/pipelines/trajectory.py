@@ -819,7 +819,8 @@ def findings(rows: list[dict], corr: dict) -> list[dict]:
             add(f, "cannot be judged", need)
     if r2:
         xs = series(r2, "xstest_any_refusal")
-        v = [x for _, x in xs if x is not None]
+        # "early" is the first trained anchor: the untrained step 0 is the base, not early R2D2
+        v = [x for st, x in xs if x is not None and (st > 0 or len(xs) < 3)]
         add("R2D2 over-refuses early (XSTest any-refusal 1.0) and less later (0.23 at step 500)",
             "shown" if len(v) >= 2 and v[0] > v[-1] else "not shown", f"r2d2 XSTest any-refusal {fmt(xs)}")
         bu = series(r2, "benign_utility")
