@@ -154,8 +154,10 @@ def analyze_full(runs, opts, cases, out: Path) -> dict:
                                n_behaviour=opts.get("n_behaviour"), max_new_tokens=opts["max_new_tokens"],
                                batch_size=opts["batch_size"], **aopts)
             t1 = time.perf_counter()
-            replay(cases, spec, out=out / key / "replay", max_new_tokens=opts["replay_max_new_tokens"],
+            model, tok = pysafegeom.load_model(spec)  # replay's own load, as a separate call would
+            replay(cases, model, tok, out=out / key / "replay", max_new_tokens=opts["replay_max_new_tokens"],
                    batch_size=opts["batch_size"], target_name=key, progress=False)
+            del model
             t2 = time.perf_counter()
             split[key] = {"analyze": t1 - t0, "replay": t2 - t1, "total": t2 - t0}
     return {"seconds": time.perf_counter() - t_all, "split": split}
@@ -207,6 +209,7 @@ def main() -> int:
             else:
                 raise SystemExit(f"unknown path {p!r}")
             print(f"    {results[p]['seconds']:.1f} s", flush=True)
+            print("    " + json.dumps({k: v for k, v in results[p].items() if k != "rows"}, default=str), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = sum(len(v) for v in runs.values())
