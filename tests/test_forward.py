@@ -61,7 +61,7 @@ def test_shared_prefix_batches_give_the_full_rows_last_logits(tok, arch):
     enc = encode_prompts(tok, prompts)
     P = common_prefix_length(enc.rows)
     assert P >= 2 and all(r[:P] == enc.rows[0][:P] for r in enc.rows) and len({len(r) for r in enc.rows}) > 2
-    sp = SharedPrefixBatches(enc.rows, 3, tok.pad_token_id, None)
+    sp = SharedPrefixBatches(tok, enc, 3)
     assert sp.P == P and len(sp.batches) == 2
     ref64 = tiny_model(arch, tokenizer=tok, n_layers=2, d_model=32, seed=6).double()
     u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(2)), dim=0)
@@ -85,12 +85,19 @@ def _nothing():
 
 def test_shared_prefix_falls_back_without_a_prefix(tok):
     from pysafegeom.models.forward import SharedPrefixBatches, common_prefix_length
+    from pysafegeom.prompts import EncodedPrompts, encode_prompts
 
     model = tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=1)
+    assert common_prefix_length([[11, 12, 13], [40, 12, 13, 14]]) == 0
+    assert common_prefix_length([[5, 6], [5, 6, 7]], min_prefix=1) == 1  # one token must stay after the prefix
+    assert common_prefix_length([[5, 6], [5, 6, 7]]) == 0  # shorter than min_prefix
+    assert common_prefix_length([[5, 6, 7, 8], [5, 6, 7, 9, 9]], keep=2) == 2
+    enc = encode_prompts(tok, ["Hi", "Name a bird."])
     rows = [[11, 12, 13], [40, 12, 13, 14]]
-    assert common_prefix_length(rows) == 0 and common_prefix_length([[5, 6], [5, 6, 7]]) == 1
-    sp = SharedPrefixBatches(rows, 2, 0, None)
-    assert sp.P == 0
-    with torch.no_grad():
-        want = torch.cat([forward(model, torch.tensor([r]), last_only=True).logits[:, -1].double() for r in rows])
-        torch.testing.assert_close(sp.last_logits(model), want, atol=1e-5, rtol=1e-4)
+    bare = EncodedPrompts(enc.split, rows, ["a", "b"])
+    for e, mp in ((bare, 2), (enc, None)):  # no shared prefix / prefix sharing switched off
+        sp = SharedPrefixBatches(tok, e, 2, min_prefix=mp)
+        assert sp.P == 0
+        with torch.no_grad():
+            want = torch.cat([forward(model, torch.tensor([r]), last_only=True).logits[:, -1].double() for r in e.rows])
+            torch.testing.assert_close(sp.last_logits(model), want, atol=1e-5, rtol=1e-4)

@@ -209,7 +209,7 @@ def score(z: float) -> float:
 
 
 class Script:
-    """Monkeypatched ablate / add / _last_logits with the logits SPEC prescribes (vocabulary of 2, refusal token 0)."""
+    """Monkeypatched ablate / add / the validation forwards with the logits SPEC prescribes (vocabulary of 2, refusal token 0)."""
 
     def __init__(self, d):
         self.d, self.state, self.controls = d, None, []
@@ -266,8 +266,8 @@ def scripted(tok, monkeypatch):
     sc = Script(16)
     monkeypatch.setattr(S, "ablate", sc.ablate)
     monkeypatch.setattr(S, "add", sc.add)
-    monkeypatch.setattr(S, "_last_logits", sc.last_logits)
-    monkeypatch.setattr(S, "SHARED_PREFIX", False)  # the script stands in for the full-row forwards
+    # the script stands in for the validation forwards (it reads each batch's instructions)
+    monkeypatch.setattr(S.SharedPrefixBatches, "last_logits", lambda self, model: sc.last_logits(model, self.batches)[self.inv])
     R = torch.zeros(6, len(POST), 16, dtype=torch.float64)
     for k, sp in SPEC.items():
         R[sp["at"][0], POST.index(sp["at"][1]), k] = 3.0

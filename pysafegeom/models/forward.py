@@ -128,59 +128,51 @@ class PrefixCache:
         return int(self.ids.shape[1])
 
 
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """How many leading tokens every row shares, leaving at least one token of each row after them."""
+def common_prefix_length(rows: list[list[int]], keep: int = 1, min_prefix: int = 2) -> int:
+    """How many leading tokens every row shares, leaving at least ``keep`` tokens of each row after them; 0 when
+    that is fewer than ``min_prefix`` (too short to be worth a cache)."""
     if not rows:
         return 0
-    first, n = rows[0], min(len(r) for r in rows) - 1
+    first, n = rows[0], min(len(r) for r in rows) - keep
     k = 0
     while k < n and all(r[k] == first[k] for r in rows):
         k += 1
-    return k
+    return k if k >= min_prefix else 0
 
 
 class SharedPrefixBatches:
-    """Token rows cut into their shared prefix and left-padded, length-sorted batches of what follows it.
+    """Encoded prompts cut into their shared prefix and left-padded, length-sorted batches of what follows it.
 
-    :meth:`last_logits` runs the prefix once per batch (one row; its KV cache repeated over the batch) and the
+    :meth:`last_logits` runs the prefix once per call (one row; its KV cache repeated over each batch) and the
     remainders on that cache, under whatever hooks are installed at the call: a hook that edits every position
     (:func:`pysafegeom.interventions.ablate` / ``add`` with ``positions="all"``) sees the prefix in the first
     forward and the rest in the second, so the result equals :func:`last_logits` of the full rows up to float
     rounding. Hooks that tell a prompt forward from a decode step by the cache (``positions="prompt"``) must not
-    be used with it. With a prefix shorter than ``min_prefix`` tokens the full rows are run as usual."""
+    be used with it. ``min_prefix=None`` (or a prefix shorter than ``min_prefix``) runs the full rows as usual.
+    ``batches`` are :class:`pysafegeom.prompts.PromptBatch` of the trimmed rows, ``inv`` puts outputs back in order."""
 
-    def __init__(self, rows: list[list[int]], batch_size: int, pad_id: int, device=None, min_prefix: int = 2):
-        n = len(rows)
-        self.n, self.batch_size = n, batch_size
-        self.P = P = common_prefix_length(rows)
-        if P < min_prefix:
-            P = self.P = 0
-        order = sorted(range(n), key=lambda i: len(rows[i]))
+    def __init__(self, tokenizer, enc, batch_size: int, device=None, min_prefix: int | None = 2):
+        from ..prompts import EncodedPrompts, pad_prompts
+
+        n = len(enc.rows)
+        self.P = common_prefix_length(enc.rows, min_prefix=min_prefix) if min_prefix is not None else 0
+        order = sorted(range(n), key=lambda i: len(enc.rows[i]))
         inv = torch.empty(n, dtype=torch.long)
         inv[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
         self.inv = inv.to(device)
-        self.prefix = torch.tensor([rows[0][:P]], dtype=torch.long, device=device) if P else None
-        self.batches = []
-        for s in range(0, n, batch_size):
-            rem = [rows[i][P:] for i in order[s:s + batch_size]]
-            T = max(len(r) for r in rem)
-            ids = torch.full((len(rem), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rem), T), dtype=torch.long)
-            for b, r in enumerate(rem):
-                ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-                mask[b, T - len(r):] = 1
-            self.batches.append((ids.to(device), mask.to(device)))
+        self.prefix = torch.tensor([enc.rows[0][:self.P]], dtype=torch.long, device=device) if self.P else None
+        trimmed = EncodedPrompts(enc.split, [enc.rows[i][self.P:] for i in order], [enc.instructions[i] for i in order])
+        self.batches = [pad_prompts(tokenizer, trimmed, range(s, min(s + batch_size, n)), device=device)
+                        for s in range(0, n, batch_size)]
 
     def last_logits(self, model) -> torch.Tensor:
         """Next-token logits ``[N, V]`` float64 at each row's last token, in the rows' order."""
+        if not self.P:
+            return last_logits(model, self.batches)[self.inv]
         out = []
-        pc = PrefixCache.build(model, self.prefix) if self.P else None
-        for ids, mask in self.batches:
-            if pc is None:
-                logits = forward(model, ids, mask, last_only=True).logits
-            else:
-                B = ids.shape[0]
-                full = torch.cat([mask.new_ones(B, self.P), mask], dim=1)
-                logits = forward(model, ids, full, cache=pc.expand(B), last_only=True).logits
-            out.append(logits[:, -1].to(torch.float64))
+        pc = PrefixCache.build(model, self.prefix)
+        for b in self.batches:
+            B = b.input_ids.shape[0]
+            full = torch.cat([b.attention_mask.new_ones(B, self.P), b.attention_mask], dim=1)
+            out.append(forward(model, b.input_ids, full, cache=pc.expand(B), last_only=True).logits[:, -1].double())
         return torch.cat(out)[self.inv]

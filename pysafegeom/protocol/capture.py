@@ -216,10 +216,7 @@ def capture(
     # the template's shared prefix (BOS, system turn, user header) runs once, before the capture hooks are installed;
     # every batch continues from its KV cache (the positions captured all lie after it)
     all_rows = [row for name in names for row in encoded[name].rows]
-    n_prefix = 0
-    if SHARED_PREFIX:
-        n_prefix = min(common_prefix_length(all_rows), min(len(r) for r in all_rows) - n_post - 1)
-        n_prefix = n_prefix if n_prefix >= 2 else 0
+    n_prefix = common_prefix_length(all_rows, keep=n_post + 1) if SHARED_PREFIX else 0  # t_inst and after: kept
     prefix = PrefixCache.build(model, torch.tensor([all_rows[0][:n_prefix]], device=device)) if n_prefix else None
 
     handles = []

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from .. import validate as V
 from ..interventions.hooks import ablate, add, control_directions
-from ..models.forward import SharedPrefixBatches, kl_next_token as _kl, last_logits as _last_logits
-from ..prompts import EncodedPrompts, encode_batches as _batches, encode_prompts
+from ..models.forward import SharedPrefixBatches, kl_next_token as _kl
+from ..prompts import EncodedPrompts, encode_prompts
 from ..refusal import refusal_scores_from_logits
 from .carriers import Carriers
 
@@ -191,15 +191,6 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 SHARED_PREFIX = True  # run the prompts' shared template prefix once per batch (False: every row in full)
 
 
-def _sorted_batches(tokenizer, enc: EncodedPrompts, batch_size: int, device):
-    """Batches of ``enc``'s rows sorted by length (less padding) and the index that puts their outputs back in order."""
-    order = sorted(range(len(enc.rows)), key=lambda i: len(enc.rows[i]))
-    srt = EncodedPrompts(enc.split, [enc.rows[i] for i in order], [enc.instructions[i] for i in order])
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return _batches(tokenizer, srt, batch_size=batch_size, device=device), inv.to(device)
-
-
 def _is_admissible(c: Candidate, tau: float, induce_rule: str) -> bool:
     """Section 2.4's filter at KL threshold ``tau``: evaluated, no NaN score, KL <= tau, induce by ``induce_rule``."""
     if c.pruned or not all(v == v for v in (c.bypass, c.induce, c.kl)):
@@ -292,25 +283,16 @@ def select_carrier(
     grid = [(l, p) for l in layers for p in positions]
     with torch.no_grad():
         device = next(model.parameters()).device
-        if SHARED_PREFIX:  # the template's shared prefix run once per batch (every hook here edits all positions)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            both_s = SharedPrefixBatches(both.rows, batch_size, pad, device)
-            harmless_s = SharedPrefixBatches(enc_l.rows, batch_size, pad, device)
+        # the template's shared prefix run once per batch (every hook here edits all positions)
+        min_prefix = 2 if SHARED_PREFIX else None
+        both_s = SharedPrefixBatches(tokenizer, both, batch_size, device, min_prefix)
+        harmless_s = SharedPrefixBatches(tokenizer, enc_l, batch_size, device, min_prefix)
 
-            def logits_both():
-                return both_s.last_logits(model)
+        def logits_both():
+            return both_s.last_logits(model)
 
-            def logits_harmless():
-                return harmless_s.last_logits(model)
-        else:
-            both_b, both_inv = _sorted_batches(tokenizer, both, batch_size, device)
-            harmless_b, harmless_inv = _sorted_batches(tokenizer, enc_l, batch_size, device)
-
-            def logits_both():
-                return _last_logits(model, both_b)[both_inv]
-
-            def logits_harmless():
-                return _last_logits(model, harmless_b)[harmless_inv]
+        def logits_harmless():
+            return harmless_s.last_logits(model)
 
         base = logits_both()
         base_scores = refusal_scores_from_logits(base, refusal_tokens).cpu()
