@@ -319,12 +319,13 @@ def generate(
                     done[active] |= (nxt[:, None] == stops).any(-1)
                     if stop_strings:
                         done = _stop_string_rows(tokenizer, gen[:, :steps], done, stop_strings, row_stop)
-                    if steps == max_new_tokens or bool(done.all()):
+                    # one host sync per step: the dropped rows are all done, so the batch is done when the active are
+                    finished = done[active]
+                    n_fin = int(finished.sum())
+                    if steps == max_new_tokens or n_fin == len(active):
                         break
                     last = last + 1
-                    finished = done[active]
-                    n_fin = int(finished.sum()) if can_compact else 0
-                    if n_fin and n_fin * _COMPACT_SHARE >= len(active):
+                    if can_compact and n_fin and n_fin * _COMPACT_SHARE >= len(active):
                         keep = (~finished).nonzero().flatten()
                         cache.batch_select_indices(keep)
                         active, nxt, last = active[keep], nxt[keep], last[keep]

@@ -182,6 +182,11 @@ def test_compaction_on_other_caches(tok, arch):
     finally:
         h.remove()
     assert on.token_ids == off.token_ids and on.compactions >= 1 and on.decoded_rows < off.decoded_rows
+    h = model.register_forward_hook(hook, with_kwargs=True)
+    try:  # and both are the one-prompt, no-cache argmax
+        assert on.token_ids == reference(model, tok, PROMPTS, 7, set(stop_token_ids(tok)))
+    finally:
+        h.remove()
 
 
 def test_min_new_tokens_masks_the_stop(tok, planted):
