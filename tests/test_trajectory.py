@@ -398,7 +398,7 @@ def test_sparse_adaptive_attacks_per_anchor_added_later(setup, tmp_path):
     assert (out / "anchors" / "sft-4" / "analysis" / "result.json").read_text() == stamp  # the analysis kept
     assert not (out / ".work" / "sft-4").exists()  # attack states removed once the anchor is written
     cell = next(c for c in res.correlations["pooled"] if c["behaviour"] == "adaptive_asr")
-    assert cell["n"] in (0, 2)  # defined per anchor (ρ n/a with two anchors)
+    assert cell["n"] == 2 and cell["rho"] is None  # a value at both anchors; ρ needs 3
     html_text = (out / "report.html").read_text()
     assert "adaptive gcg" in html_text and "(adaptive attacks: not run)" not in html_text
     # the same subset every anchor: the records name the same behaviours

@@ -306,6 +306,17 @@ def _attack_autodan(model, tokenizer, b: Prompt, cfg: AutoDANConfig, state_dir: 
              "check_completion": res.check_completion, "n_scored": res.n_scored}]
 
 
+def draw_subset(behaviors: Sequence[Prompt], subset: int, seed: int = 0) -> list[Prompt]:
+    """The sparse adaptive attacks' behaviours: ``subset`` of them drawn with ``seed`` (all when there are no more), in
+    their given order. :func:`adaptive` and :func:`pysafegeom.trajectory` draw alike, so one seed names one subset."""
+    import random
+
+    pick = list(behaviors)
+    if subset < len(pick):
+        pick = sorted(random.Random(seed).sample(pick, subset), key=lambda b: behaviors.index(b))
+    return pick
+
+
 def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, subset: int = 20,
              methods: Sequence[str] = METHODS, gcg: GCGConfig | None = None, autodan: AutoDANConfig | None = None,
              judges=None, max_new_tokens: int = 64, seed: int = 0, resume: bool = True, overwrite: bool = False,
@@ -320,7 +331,6 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     resumable per (model, behaviour). ``judges``: a list, or a callable ``(model, tokenizer) -> list`` for
     judges that use each attacked model (the local model judge). Returns ``{model: {method: summary}}``.
     """
-    import random
 
     behaviors = _check_behaviors(behaviors)
     V.positive_int("subset", subset)
@@ -345,9 +355,7 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
             raise AttackError(f"{sub_path} names behaviours not in the given set ({missing[:3]}); use another --out")
         pick = [by_id[i] for i in chosen]
     else:
-        pick = list(behaviors)
-        if subset < len(pick):
-            pick = sorted(random.Random(seed).sample(pick, subset), key=lambda b: behaviors.index(b))
+        pick = draw_subset(behaviors, subset, seed)
         atomic_write_text(sub_path, json.dumps({"seed": seed, "subset": subset, "behaviors": [b.id for b in pick]},
                                                indent=1) + "\n")
     if load is None:

@@ -244,13 +244,16 @@ class AnchorLoader:
     """Loads anchors one after another. LoRA adapters of one base share one loaded base: the adapter is merged in
     (PEFT's ``merge_and_unload``, as :func:`pysafegeom.load_model` does) after the weights the previous adapter
     touched are restored, so the base is read from disk once. Anything else is a fresh :func:`load_model`.
-    ``swaps`` / ``fresh`` count how each anchor was loaded."""
+    ``swaps`` / ``fresh`` count how each anchor was loaded. After each load, ``loaded_as`` is the spec whose weights the
+    model now holds exactly: the spec itself for a fresh load, the base for an adapter whose merge changed no weight
+    (an untrained LoRA, whatever its A matrix), None for any other adapter."""
 
     def __init__(self, device=None, dtype=None):
         self.device, self.dtype = device, dtype
         self._base = None  # (spec, model, tokenizer, base training record)
         self._saved: dict[str, torch.Tensor] = {}
         self.swaps = self.fresh = 0
+        self.loaded_as: str | None = None
 
     def _drop(self):
         self._base, self._saved = None, {}
@@ -266,10 +269,7 @@ class AnchorLoader:
             params = _adapter_params(folder)
         if params is None:
             self._drop()
-            self.fresh += 1
-            model, tok = load_model(spec, dtype=self.dtype, device=self.device)
-            model.config._name_or_path = str(spec)
-            return model, tok
+            return self.load_fresh(spec)
         from peft import PeftModel
 
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -289,6 +289,8 @@ class AnchorLoader:
                 if n not in self._saved:
                     self._saved[n] = named[n].detach().clone()
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        now = dict(merged.named_parameters())
+        self.loaded_as = base if all(torch.equal(now[n], self._saved[n]) for n in params) else None
         assert merged is model, "merge_and_unload returned another model object"
         model.eval()
         model.requires_grad_(False)
@@ -304,6 +306,7 @@ class AnchorLoader:
         self.fresh += 1
         model, tok = load_model(spec, dtype=self.dtype, device=self.device)
         model.config._name_or_path = str(spec)
+        self.loaded_as = str(spec)
         return model, tok
 
 
@@ -314,17 +317,29 @@ def _sha_texts(items) -> str:
 
 
 def _weights_hash(spec: str) -> str:
+    """sha256 of a model folder's weight files (for an adapter, with its base's): read once per file version."""
     folder = _folder(spec)
-    h = hashlib.sha256()
     files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")))
-    for f in files:
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    own = _files_hash(str(folder.resolve()), stamp)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+        return hashlib.sha256(f"{own}base:{_weights_hash(str(base))}".encode()).hexdigest()[:16]
+    return own
+
+
+@functools.lru_cache(maxsize=256)
+def _files_hash(folder: str, stamp: tuple) -> str:
+    """The hash behind :func:`_weights_hash`, cached by folder and file (name, size, mtime), so the base of every
+    adapter anchor is read once per run, not once per anchor."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name, *_ in stamp:
+        f = folder / name
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-        h.update(("base:" + _weights_hash(str(base))).encode())
     return h.hexdigest()[:16]
 
 
@@ -502,33 +517,15 @@ def measure_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: 
 
 
 def adaptive_configs(cfg: TrajectoryConfig) -> dict:
-    """``{method: GCGConfig | AutoDANConfig}`` of the sparse adaptive attacks, checked."""
+    """``{method: GCGConfig | AutoDANConfig}`` of the sparse adaptive attacks (methods checked by the options), checked."""
     from ..attacks.autodan import AutoDANConfig
     from ..attacks.gcg import GCGConfig
 
-    out = {}
-    for m in cfg.adaptive_methods:
-        if m == "gcg":
-            c = GCGConfig(**cfg.gcg)
-        elif m == "autodan":
-            c = AutoDANConfig(**cfg.autodan)
-        else:
-            raise InvalidArgument(f"adaptive_methods: unknown method {m!r}; use 'gcg' and/or 'autodan'")
+    kinds = {"gcg": (GCGConfig, cfg.gcg), "autodan": (AutoDANConfig, cfg.autodan)}
+    out = {m: kinds[m][0](**kinds[m][1]) for m in cfg.adaptive_methods}
+    for c in out.values():
         c.check()
-        out[m] = c
     return out
-
-
-def adaptive_subset(behaviors, cfg: TrajectoryConfig) -> list:
-    """The behaviours every anchor is attacked on: ``adaptive_subset`` of them drawn once with ``adaptive_seed``
-    (all when there are no more), in their given order."""
-    import random
-
-    pick = list(behaviors)
-    if cfg.adaptive_subset < len(pick):
-        chosen = set(random.Random(cfg.adaptive_seed).sample(range(len(pick)), cfg.adaptive_subset))
-        pick = [b for i, b in enumerate(pick) if i in chosen]
-    return pick
 
 
 def adaptive_anchor(model, tok, anchor: Anchor, folder: Path, inputs: dict, cfg: TrajectoryConfig, progress: bool) -> dict:
@@ -936,14 +933,11 @@ def _content_key(fp_cfg: dict) -> str:
     return _sha_texts({k: v for k, v in fp_cfg.items() if k not in ("spec", "step")})
 
 
-def parameters_hash(model) -> str:
-    """A hash of every parameter's bytes (names, shapes, dtypes, values): equal hashes, equal weights."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach().contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def _write_record(tmp: Path, fp: tuple, fp_cfg: dict, row: dict, wkey: str | None, **extra) -> None:
+    """``tmp/anchor.json``: the row, the fingerprints that decide skip / refresh / refuse, and the loaded-weights key."""
+    rec = {**extra, "fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg,
+           "loaded_weights_key": wkey, "row": row}
+    (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def copy_anchor(src_folder: Path, tmp: Path, anchor: Anchor, src: Anchor, fp: tuple, fp_cfg: dict,
@@ -957,9 +951,7 @@ def copy_anchor(src_folder: Path, tmp: Path, anchor: Anchor, src: Anchor, fp: tu
     src_rec = json.loads((Path(src_folder) / "anchor.json").read_text(encoding="utf-8"))
     row, wkey = src_rec["row"], wkey or src_rec.get("loaded_weights_key")
     row.update(trajectory=anchor.trajectory, step=anchor.step, spec=anchor.spec, same_weights_as=src.name)
-    rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg, "loaded_weights_key": wkey,
-           "row": row}
-    (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_record(tmp, fp, fp_cfg, row, wkey)
 
 
 ADAPTIVE_KEYS = ("adaptive_subset", "adaptive_methods", "adaptive_seed", "gcg", "autodan")
@@ -1018,11 +1010,11 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     adaptive = None
     if adaptive_behaviors is not None:
         from ..data import load_behaviors
-        from .attack import _check_behaviors
+        from .attack import _check_behaviors, draw_subset
 
         behaviors = adaptive_behaviors if isinstance(adaptive_behaviors, (list, tuple)) else \
             load_behaviors(adaptive_behaviors, adaptive_targets)
-        adaptive = adaptive_subset(_check_behaviors(behaviors), cfg)
+        adaptive = draw_subset(_check_behaviors(behaviors), cfg.adaptive_subset, cfg.adaptive_seed)
         adaptive_configs(cfg)  # the attack options checked before any model loads
     elif adaptive_targets is not None:
         raise InvalidArgument("adaptive_targets= is the targets of adaptive_behaviors=; give adaptive_behaviors too")
@@ -1048,7 +1040,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             fp = _sha_texts(fp_cfg)
             core = _sha_texts({k: v for k, v in fp_cfg.items() if k not in REDOABLE})
             folder = out / "anchors" / a.name
-            state = "todo"
+            state, old = "todo", None
             if (folder / "anchor.json").is_file():
                 old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
                 if old.get("fingerprint") == fp:
@@ -1063,7 +1055,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     raise InvalidArgument(f"{folder} was measured with another configuration (differs in: "
                                           f"{', '.join(sub or diff)}); use another out=, the same options, or force=True "
                                           f"(--force) to measure it again")
-            plan.append((a, (fp, core, _content_key(fp_cfg)), fp_cfg, folder, state))
+            plan.append((a, (fp, core, _content_key(fp_cfg)), fp_cfg, folder, state, old))
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         mark_dir(out, CONTENT)
@@ -1074,16 +1066,19 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     rows, results, log = [], {}, []
     t_start = time.perf_counter()
     # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
-    # runs from one base and seed) is copied from it, not measured again
+    # runs from one base) is copied from it, not measured again: keyed by its files and by its weights as loaded
     same = {}
-    for a, fp, _, folder, state in plan:
+
+    def remember(a, folder, *keys):
+        for key in keys:
+            if key is not None:
+                same.setdefault(key, (a, folder))
+
+    for a, fp, _, folder, state, old in plan:
         if state == "done":
-            same.setdefault(fp[2], (a, folder))
-            wkey = json.loads((folder / "anchor.json").read_text(encoding="utf-8")).get("loaded_weights_key")
-            if wkey:
-                same.setdefault(wkey, (a, folder))
+            remember(a, folder, fp[2], old.get("loaded_weights_key"))
     with shared_encoding() as encodings:  # every prompt list tokenised once for all anchors (one tokenizer)
-        for i, (a, fp, fp_cfg, folder, state) in enumerate(plan, 1):
+        for i, (a, fp, fp_cfg, folder, state, old) in enumerate(plan, 1):
             tag = f"[{i}/{len(plan)}] {a.name} ({a.spec})"
             if state == "todo" and fp[2] in same:
                 src, src_folder = same[fp[2]]
@@ -1097,7 +1092,6 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     print(f"{tag}: done already, skipped", flush=True)
                 log.append({"anchor": a.name, "skipped": True})
             elif state == "refresh":
-                old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
                 what = [k for k in REDOABLE if old.get("fingerprint_config", {}).get(k) != fp_cfg.get(k)]
                 if progress:
                     print(f"{tag}: {' and '.join(what)} changed; redoing only that (the rest is kept)", flush=True)
@@ -1106,10 +1100,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                 with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
                     row, redone = refresh_anchor(model, tok, a, folder, tmp, inputs, cfg, old["fingerprint_config"],
                                                  fp_cfg, progress)
-                    rec = {**old, "fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg,
-                           "row": row}
-                    (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False) + "\n",
-                                                     encoding="utf-8")
+                    _write_record(tmp, fp, fp_cfg, row, old.get("loaded_weights_key"))
                 del model
                 shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
                 log.append({"anchor": a.name, "skipped": False, "refreshed": redone,
@@ -1119,8 +1110,9 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                     print(f"{tag}: measuring", flush=True)
                 t0 = time.perf_counter()
                 model, tok = loader.load(a.spec)
-                # the loaded (merged) weights: a LoRA checkpoint with a zero update is the base whatever its A matrix
-                wkey = _sha_texts([_content_key({**fp_cfg, "weights_sha256_16": None}), parameters_hash(model)])
+                # the weights as loaded: a LoRA checkpoint whose merge changed nothing is its base, whatever its A matrix
+                wkey = None if loader.loaded_as is None else \
+                    _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(loader.loaded_as)})
                 t_load = time.perf_counter() - t0
                 if wkey in same:
                     src, src_folder = same[wkey]
@@ -1128,7 +1120,6 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                         print(f"{tag}: loads to the same weights as {src.name}; its measurement copied", flush=True)
                     with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
                         copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
-                    del model
                     log.append({"anchor": a.name, "skipped": False, "copied_from": src.name})
                 else:
                     with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
@@ -1136,15 +1127,11 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                         row["seconds"]["load"] = t_load
                         row["seconds"]["total"] += t_load
                         row["identity"] = idents[a.name]
-                        rec = {"fingerprint": fp[0], "fingerprint_core": fp[1], "fingerprint_config": fp_cfg,
-                               "loaded_weights_key": wkey, "row": row}
-                        (tmp / "anchor.json").write_text(json.dumps(json_safe(rec), indent=1, ensure_ascii=False)
-                                                         + "\n", encoding="utf-8")
-                    del model
+                        _write_record(tmp, fp, fp_cfg, row, wkey)
                     shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
                     log.append({"anchor": a.name, "skipped": False, "seconds": row["seconds"]})
-                    same.setdefault(fp[2], (a, folder))
-                    same.setdefault(wkey, (a, folder))
+                    remember(a, folder, fp[2], wkey)
+                del model
             rows.append(json.loads((folder / "anchor.json").read_text(encoding="utf-8"))["row"])
             results[a.name] = load_result(folder / "analysis")
     loader._drop()

@@ -58,6 +58,31 @@ def _rate_cell(r: dict | None) -> str:
     return f"{v:.2f} ({r['k']}/{r['n']}; {r['ci_low']:.2f}&ndash;{r['ci_high']:.2f})"
 
 
+def _where(c: dict) -> str:
+    """The carrier cell: the selected one, or the reference candidate where none was admissible."""
+    return (f"L{c['layer']} {c['position']}" if c["layer"] is not None
+            else f"none (ref. L{c['reference_layer']} {c['reference_position']})")
+
+
+def _drift_cell(d: dict, dash: str) -> str:
+    return f"{_f(d.get('common_deg'), 1)} / {_f(d.get('own_deg'), 1)}" if d else dash
+
+
+def _correlation_rows(corr: dict) -> tuple[list[tuple[str, str, list[dict]]], list[str]]:
+    """``(rows, undefined)``: per (geometry, behaviour) pair the cell of every group, and the pairs undefined in all."""
+    groups = list(corr)
+    index = {g: {(c["geometry"], c["behaviour"]): c for c in corr[g]} for g in groups}
+    rows, undefined = [], []
+    for c0 in corr[groups[0]]:
+        key = (c0["geometry"], c0["behaviour"])
+        cells = [index[g][key] for g in groups]
+        if all(c["rho"] is None for c in cells):
+            undefined.append(f"{key[0]} × {key[1]}")
+        else:
+            rows.append((*key, cells))
+    return rows, undefined
+
+
 def _adaptive_cell(ad: dict | None) -> str:
     if not ad:
         return "not run"
@@ -81,16 +106,13 @@ def _anchor_table(table: list[dict]) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in table:
         c = r["carrier"]
-        where = (f"L{c['layer']} {c['position']}" if c["layer"] is not None
-                 else f"none (ref. L{c['reference_layer']} {c['reference_position']})")
         df, dp = r.get("drift_first") or {}, r.get("drift_prev") or {}
-        cells = [r["trajectory"], r["step"], where, c["n_admissible"], _f(r["kappa_mid_band"]), _f(r["kappa_at_carrier"]),
+        cells = [r["trajectory"], r["step"], _where(c), c["n_admissible"], _f(r["kappa_mid_band"]), _f(r["kappa_at_carrier"]),
                  _f(r["kappa_sub"]), _f(r["effective_rank"], 2), _rate_cell(r["direct_asr"]),
                  _rate_cell((r.get("fixed_source") or {}).get("overall")), _adaptive_cell(r.get("adaptive")),
                  _rate_cell(r["harmful_usefulness"]),
                  _rate_cell(r["xstest_any_refusal"]), _rate_cell(r["benign_utility"]),
-                 f"{_f(df.get('common_deg'), 1)} / {_f(df.get('own_deg'), 1)}" if df else "&mdash;",
-                 f"{_f(dp.get('common_deg'), 1)} / {_f(dp.get('own_deg'), 1)}" if dp else "&mdash;",
+                 _drift_cell(df, "&mdash;"), _drift_cell(dp, "&mdash;"),
                  _f(df.get("R_direction_drift")) if df else "&mdash;", _f(r.get("b_distance_first")),
                  f"{r['seconds']['total']:.0f}"]
         cells[:3] = [html.escape(str(x)) for x in cells[:3]]  # the rest are numbers and entities
@@ -111,15 +133,10 @@ def _correlation_table(corr: dict, meta: dict) -> str:
            "2/5! = 0.017, over 3 anchors 2/3! = 0.33). Drift is measured against each trajectory's first anchor.</p>",
            "<table><tr><th>geometry</th><th>behaviour</th>"
            + "".join(f"<th>{html.escape(g)}: ρ (n)</th><th>p two-sided</th>" for g in groups) + "</tr>"]
-    keys = [(c["geometry"], c["behaviour"]) for c in corr[groups[0]]]
-    undefined = []
-    for gk, bk in keys:
-        if all(next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)["rho"] is None for g in groups):
-            undefined.append(f"{gk} × {bk}")
-            continue
+    rows, undefined = _correlation_rows(corr)
+    for gk, bk, group_cells in rows:
         cells = []
-        for g in groups:
-            c = next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)
+        for c in group_cells:
             rho = "n/a" if c["rho"] is None else f"{c['rho']:+.2f}"
             strong = c["p_two_sided"] is not None and c["p_two_sided"] < 0.05
             cells.append(f"<td>{'<b>' if strong else ''}{rho}{'</b>' if strong else ''} ({c['n']})</td>"
@@ -237,29 +254,21 @@ def trajectory_markdown(d: dict) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         c, df = r["carrier"], r.get("drift_first") or {}
-        where = f"L{c['layer']} {c['position']}" if c["layer"] is not None else \
-            f"none (ref. L{c['reference_layer']} {c['reference_position']})"
         ad = r.get("adaptive") or {}
         lines.append("| " + " | ".join([
-            r["trajectory"], str(r["step"]), where, str(c["n_admissible"]), _f(r["kappa_mid_band"]),
+            r["trajectory"], str(r["step"]), _where(c), str(c["n_admissible"]), _f(r["kappa_mid_band"]),
             _f(r["kappa_at_carrier"]), _f(r["kappa_sub"]), _f(r["effective_rank"], 2), _md_rate(r["direct_asr"]),
             _md_rate((r.get("fixed_source") or {}).get("overall")),
             ", ".join(f"{m} {v['k']}/{v['n']}" for m, v in ad.items()) or "—",
             _md_rate(r["xstest_any_refusal"]), _md_rate(r["benign_utility"]),
-            f"{_f(df.get('common_deg'), 1)} / {_f(df.get('own_deg'), 1)}" if df else "—",
-            _f(df.get("R_direction_drift")) if df else "—", _f(r.get("b_distance_first"))]) + " |")
+            _drift_cell(df, "—"), _f(df.get("R_direction_drift")) if df else "—", _f(r.get("b_distance_first"))]) + " |")
     groups = list(corr)
     out = ["\n".join(lines), "",
            "Spearman ρ (n) and two-sided permutation p (exact for n <= 10), pooled and per trajectory:", "",
            "| geometry | behaviour | " + " | ".join(f"{g}: ρ (n) | p" for g in groups) + " |",
            "|---|---|" + "---:|---:|" * len(groups)]
-    for cell in corr[groups[0]]:
-        gk, bk = cell["geometry"], cell["behaviour"]
-        row = []
-        for g in groups:
-            c = next(x for x in corr[g] if x["geometry"] == gk and x["behaviour"] == bk)
-            row += ["n/a" if c["rho"] is None else f"{c['rho']:+.2f} ({c['n']})", _p(c["p_two_sided"])]
-        if all(v == "n/a" for v in row[0::2]):
-            continue
+    for gk, bk, cells in _correlation_rows(corr)[0]:
+        row = [x for c in cells for x in ("n/a" if c["rho"] is None else f"{c['rho']:+.2f} ({c['n']})",
+                                          _p(c["p_two_sided"]))]
         out.append(f"| {gk} | {bk} | " + " | ".join(row) + " |")
     return "\n".join(out) + "\n"
