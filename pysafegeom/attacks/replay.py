@@ -151,8 +151,10 @@ def _target_name(model, target_name) -> str:
 
 
 def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, template=None, system=None, batch_size=16,
-         target_name=None, resume=True, progress=True, overwrite=False, generate_fn=None) -> tuple[dict, list[dict]]:
-    """:func:`replay`, returning ``(summary, flat result rows)``."""
+         target_name=None, resume=True, progress=True, overwrite=False, generate_fn=None,
+         target_hash=None) -> tuple[dict, list[dict]]:
+    """:func:`replay`, returning ``(summary, flat result rows)``. ``model=None`` with ``target_hash`` (and
+    ``target_name``) judges a folder whose generation cache holds every test case already (the Ray path)."""
     from ..generation import generate
     from .gcg import model_hash
 
@@ -166,7 +168,7 @@ def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, templa
     stores = as_stores(cases)
     out = _io.check_output_path(out, overwrite, "dir", content=CONTENT)  # a replay folder is accepted
     name = _target_name(model, target_name)
-    thash = model_hash(model)
+    thash = model_hash(model) if model is not None else target_hash
 
     records = [r for s in stores for r in s.records()]
     texts = list(dict.fromkeys(r["test_case"] for r in records))  # dedupe: each text generated once
@@ -183,6 +185,8 @@ def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, templa
             cache = {}
     key = {t: cache_key(t, thash, max_new_tokens, template, system) for t in texts}
     todo = [t for t in texts if key[t] not in cache]
+    if todo and model is None:
+        raise ReplayError(f"{len(todo)} test cases have no cached generation in {out} and no model was given")
 
     def completions() -> dict:
         comp: dict[str, list[dict]] = {}
@@ -245,9 +249,163 @@ def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, templa
     return summary, rows
 
 
-def replay(cases, model, tokenizer, *, out, judges=None, max_new_tokens: int = 64, template: str | None = None,
+# ------------------------------------------------------------------------------------------ replay on Ray
+
+TARGET_FILE = "target.json"  # the Ray path's record of a target's hash, keyed by its weight files
+
+
+def shard_texts(texts: list[str], batch_size: int, shard_size: int | None) -> list[list[str]]:
+    """Consecutive shards of whole generation batches (``shard_size`` rounded up to a multiple of ``batch_size``;
+    default 4 batches), so every batch is the batch a single process generates."""
+    size = max(1, -(-(shard_size or 4 * batch_size) // batch_size)) * batch_size
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def _shard_task(spec: str, texts: list[str], out: str, max_new_tokens: int, template, system, batch_size: int,
+                device=None, dtype=None) -> dict:
+    """One Ray task: greedy answers of the target ``spec`` to one shard (skipping what ``out``'s cache holds)."""
+    from ..generation import generate
+    from ..models import load_model
+    from .gcg import model_hash
+
+    model, tok = load_model(spec, dtype=dtype, device=device)
+    thash = model_hash(model)
+    cache_file = Path(out) / "generations.json"
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    except ValueError:
+        cache = {}
+    key = {t: cache_key(t, thash, max_new_tokens, template, system) for t in texts}
+    todo = [t for t in texts if key[t] not in cache]
+    gens = {}
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        for t, g in zip(chunk, generate(model, tok, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        template=template, system=system, progress=False)):
+            gens[key[t]] = g
+    return {"thash": thash, "name": _target_name(model, None), "gens": gens}
+
+
+def _judge_task(stores, spec: str, out: str, judges, device=None, dtype=None, **kw) -> tuple[dict, list[dict]]:
+    """One Ray task: judges that need the target (``judges(model, tokenizer)``) over a complete generation cache."""
+    from ..models import load_model
+
+    model, tok = load_model(spec, dtype=dtype, device=device)
+    return _run(stores, model, tok, out=out, judges=judges(model, tok), **kw)
+
+
+def shard_units(stores, spec: str, out: Path, *, key: str, max_new_tokens: int, template, system, batch_size: int,
+                shard_size: int | None, device=None, dtype=None) -> tuple[list[tuple[str, dict]], dict | None]:
+    """The generation shards of one target still to do, as ``(unit key, task kwargs)``, and the target record
+    (``{"weights", "hash", "name"}``) a former run left when its weight files are unchanged (None otherwise)."""
+    from ..models.provenance import weights_hash
+
+    records = [r for s in stores for r in s.records()]
+    texts = list(dict.fromkeys(r["test_case"] for r in records))
+    known = None
+    f = out / TARGET_FILE
+    if f.is_file():
+        try:
+            known = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError:
+            known = None
+        if not isinstance(known, dict) or known.get("weights") != weights_hash(spec):
+            known = None
+    cache = {}
+    if known is not None and (out / "generations.json").is_file():
+        try:
+            cache = json.loads((out / "generations.json").read_text(encoding="utf-8"))
+        except ValueError:
+            cache = {}
+    units = []
+    for i, shard in enumerate(shard_texts(texts, batch_size, shard_size)):
+        if known is not None and all(cache_key(t, known["hash"], max_new_tokens, template, system) in cache
+                                     for t in shard):
+            continue  # generated by a former run (the target's files are unchanged)
+        units.append((f"{key}#{i}", {"spec": spec, "texts": shard, "out": str(out), "max_new_tokens": max_new_tokens,
+                                     "template": template, "system": system, "batch_size": batch_size,
+                                     "device": device, "dtype": dtype}))
+    return units, known
+
+
+class _Merger:
+    """The driver's side of the shards: each finished shard merged into its target's cache file at once (the driver
+    is its one writer), so a killed driver loses only the shards in flight."""
+
+    def __init__(self):
+        self.targets: dict[str, dict] = {}
+
+    def add(self, key: str, out: Path, spec: str) -> None:
+        self.targets[key] = {"out": out, "spec": spec, "hash": None, "name": None}
+
+    def __call__(self, unit: str, res: dict) -> None:
+        from ..models.provenance import weights_hash
+
+        t = self.targets[unit.rpartition("#")[0]]
+        cache_file = t["out"] / "generations.json"
+        try:
+            cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+        except ValueError:
+            cache = {}
+        cache.update(res["gens"])
+        _io.atomic_write_text(cache_file, json.dumps(cache, ensure_ascii=False) + "\n")
+        t["hash"], t["name"] = res["thash"], res["name"]
+        _io.atomic_write_text(t["out"] / TARGET_FILE, json.dumps(
+            {"weights": weights_hash(t["spec"]), "hash": res["thash"], "name": res["name"]}) + "\n")
+
+
+def replay_ray(cases, spec: str, *, out, ropts, judges=None, max_new_tokens: int = 64, template=None, system=None,
+               batch_size: int = 16, shard_size: int | None = None, target_name: str | None = None, resume: bool = True,
+               progress: bool = True, overwrite: bool = False, device=None, dtype=None) -> tuple[dict, list[dict]]:
+    """:func:`replay` of the target ``spec`` fanned out on Ray: the unique test cases in shards of whole batches, one
+    task each, merged into the folder's generation cache as they finish; then judged as one process judges (in the
+    driver; in one task where ``judges`` is a callable ``(model, tokenizer) -> judges`` that needs the target)."""
+    from ..scale import run_units
+
+    stores = as_stores(cases)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
+    batch_size = _check_int("batch_size", batch_size)
+    if shard_size is not None:
+        _check_int("shard_size", shard_size)
+    needs_target = callable(judges) and not isinstance(judges, (list, tuple))
+    if not needs_target:
+        judges = check_judges(judges)
+    out = _io.check_output_path(out, overwrite, "dir", content=CONTENT)
+    out.mkdir(parents=True, exist_ok=True)
+    _io.mark_dir(out, CONTENT)
+    if not resume:
+        for f in ("generations.json", TARGET_FILE):
+            (out / f).unlink(missing_ok=True)
+    units, known = shard_units(stores, str(spec), out, key="target", max_new_tokens=max_new_tokens, template=template,
+                               system=system, batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype)
+    merge = _Merger()
+    merge.add("target", out, str(spec))
+    run_units(units, _shard_task, ropts, desc="replay shards", progress=progress, on_done=merge)
+    return _finish_ray(stores, str(spec), out, merge.targets["target"], known, judges, needs_target, ropts,
+                       max_new_tokens=max_new_tokens, template=template, system=system, batch_size=batch_size,
+                       target_name=target_name, device=device, dtype=dtype)
+
+
+def _finish_ray(stores, spec: str, out: Path, t: dict, known, judges, needs_target: bool, ropts, *, target_name,
+                device, dtype, **kw) -> tuple[dict, list[dict]]:
+    """Judge one target's complete cache: in the driver, or in one task for judges that need the target."""
+    if needs_target:
+        from ..scale import run_units
+
+        done = run_units([("judge", {"stores": stores, "spec": spec, "out": str(out), "judges": judges,
+                                     "device": device, "dtype": dtype, "target_name": target_name, "progress": False,
+                                     **kw})], _judge_task, ropts, desc="replay judging", progress=False)
+        return done["judge"]["result"]
+    thash = t["hash"] or (known or {}).get("hash")
+    name = target_name or t["name"] or (known or {}).get("name")
+    return _run(stores, None, None, out=out, judges=judges, target_name=name, target_hash=thash, progress=False, **kw)
+
+
+
+def replay(cases, model, tokenizer=None, *, out, judges=None, max_new_tokens: int = 64, template: str | None = None,
            system: str | None = None, batch_size: int = 16, target_name: str | None = None, resume: bool = True,
-           progress: bool = True, overwrite: bool = False) -> dict:
+           progress: bool = True, overwrite: bool = False, ray=None, shard_size: int | None = None, device=None,
+           dtype=None) -> dict:
     """Generate a greedy answer of ``model`` to every stored test case and judge it; returns the summary.
 
     ``cases``: a :class:`~pysafegeom.attacks.store.TestCaseStore`, a path :func:`~pysafegeom.attacks.store.open_cases`
@@ -261,9 +419,35 @@ def replay(cases, model, tokenizer, *, out, judges=None, max_new_tokens: int = 6
     batch, so a killed run loses at most one batch. An existing folder not written by a replay is refused
     unless ``overwrite=True``.
 
+    ``model`` may also be a spec for :func:`pysafegeom.load_model` (``tokenizer`` then None; loaded with ``device`` /
+    ``dtype``). ``ray``: with a spec, fan the generation out on Ray (``True``, an address or
+    :class:`pysafegeom.scale.RayOptions`), one task per ``shard_size`` test cases (whole batches; default 4 batches);
+    the folder and the results are those of a single-process run. ``judges`` may then be a callable
+    ``(model, tokenizer) -> judges`` for judges that need the target.
+
     Returns the summary dict (what ``summary.json`` holds). Raises :class:`ReplayError` for no test cases,
     ``max_new_tokens < 1`` or a judge without a ``judge`` method.
     """
+    from ..scale import ray_options
+
+    ropts = ray_options(ray)
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ReplayError("model is a spec: give tokenizer=None (the spec's own tokenizer is loaded)")
+        if ropts is not None:
+            return replay_ray(cases, str(model), out=out, ropts=ropts, judges=judges, max_new_tokens=max_new_tokens,
+                              template=template, system=system, batch_size=batch_size, shard_size=shard_size,
+                              target_name=target_name, resume=resume, progress=progress, overwrite=overwrite,
+                              device=device, dtype=dtype)[0]
+        from ..models import load_model
+
+        model, tokenizer = load_model(str(model), dtype=dtype, device=device)
+        if callable(judges) and not isinstance(judges, (list, tuple)):
+            judges = judges(model, tokenizer)
+    elif ropts is not None:
+        raise ReplayError("ray= needs the target as a load_model spec (each task loads its own copy), not a loaded model")
+    elif tokenizer is None:
+        raise ReplayError("give the tokenizer of the loaded model (or the model as a spec)")
     return _run(cases, model, tokenizer, out=out, judges=judges, max_new_tokens=max_new_tokens, template=template,
                 system=system, batch_size=batch_size, target_name=target_name, resume=resume, progress=progress,
                 overwrite=overwrite)[0]

@@ -81,9 +81,39 @@ def matrix(rows_by_target: dict[str, list[dict]]) -> dict:
     return {"sources": list(sources), "targets": targets, "methods": list(methods), "cells": cells}
 
 
+def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, template, system, batch_size,
+                  shard_size, resume, progress, device, dtype) -> tuple[dict, dict]:
+    """Every target's generation shards in one Ray pool, then each target judged (see :func:`transfer`)."""
+    from ..scale import run_units
+    from .replay import TARGET_FILE, _finish_ray, _Merger, _shard_task, shard_units
+
+    needs_target = callable(judges) and not isinstance(judges, (list, tuple))
+    units, known, merge = [], {}, _Merger()
+    for name, _, spec in targets:
+        d = out / "replay" / _safe(name)
+        d.mkdir(parents=True, exist_ok=True)
+        _io.mark_dir(d, REPLAY_CONTENT)
+        if not resume:
+            for f in ("generations.json", TARGET_FILE):
+                (d / f).unlink(missing_ok=True)
+        u, known[name] = shard_units(stores, str(spec), d, key=_safe(name), max_new_tokens=max_new_tokens,
+                                     template=template, system=system, batch_size=batch_size, shard_size=shard_size,
+                                     device=device, dtype=dtype)
+        units += u
+        merge.add(_safe(name), d, str(spec))
+    run_units(units, _shard_task, ropts, desc="transfer shards", progress=progress, on_done=merge)
+    rows_by_target, summaries = {}, {}
+    for name, _, spec in targets:
+        summaries[name], rows_by_target[name] = _finish_ray(
+            stores, str(spec), out / "replay" / _safe(name), merge.targets[_safe(name)], known[name], judges,
+            needs_target, ropts, target_name=name, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+            template=template, system=system, batch_size=batch_size)
+    return rows_by_target, summaries
+
+
 def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, template: str | None = None,
              system: str | None = None, batch_size: int = 16, resume: bool = True, progress: bool = True,
-             overwrite: bool = False, device=None, dtype=None) -> dict:
+             overwrite: bool = False, device=None, dtype=None, ray=None, shard_size: int | None = None) -> dict:
     """Replay the test cases of every source in ``cases`` on every target in ``models``; returns the matrix.
 
     ``cases``: stores or paths (:func:`~pysafegeom.attacks.store.open_cases`), or one of them.
@@ -93,10 +123,20 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
     for judges that use the target itself. ``max_new_tokens``, ``template``, ``system``, ``batch_size``,
     ``resume``, ``progress``: as :func:`~pysafegeom.attacks.replay.replay`.
 
+    ``ray``: fan out on Ray (``True``, an address or :class:`pysafegeom.scale.RayOptions`): one task per (target,
+    shard of ``shard_size`` test cases), every target's shards in one pool, then each target judged as in a single
+    process; the targets must then be specs. The folders and the matrix are those of a single-process run.
+
     Returns what ``matrix.json`` holds (module docstring), plus each target's replay summary under ``"replays"``.
     """
+    from ..scale import ray_options
+
+    ropts = ray_options(ray)
     stores = as_stores(cases)  # errors before any model loads
     targets = _targets(models)
+    if ropts is not None and any(model is not None for _, model, _ in targets):
+        raise ReplayError("ray= needs every target as a load_model spec (each task loads its own copy), not a loaded "
+                          "(name, model, tokenizer)")
     if not callable(judges) or isinstance(judges, (list, tuple)):
         judges = check_judges(judges)
     out = _io.check_output_path(out, overwrite, "dir", content=CONTENT)
@@ -105,7 +145,12 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
     out.mkdir(parents=True, exist_ok=True)
     _io.mark_dir(out, CONTENT)
     rows_by_target, summaries = {}, {}
-    for name, model, tok in targets:
+    if ropts is not None:
+        rows_by_target, summaries = _transfer_ray(stores, targets, out, ropts, judges, max_new_tokens=max_new_tokens,
+                                                  template=template, system=system, batch_size=batch_size,
+                                                  shard_size=shard_size, resume=resume, progress=progress,
+                                                  device=device, dtype=dtype)
+    for name, model, tok in targets if ropts is None else []:
         loaded = model is None
         if loaded:
             from ..models import load_model

@@ -317,10 +317,92 @@ def draw_subset(behaviors: Sequence[Prompt], subset: int, seed: int = 0) -> list
     return pick
 
 
+def _method_config(m: str, gcg: GCGConfig | None, autodan: AutoDANConfig | None):
+    return (gcg or GCGConfig()) if m == "gcg" else (autodan or AutoDANConfig())
+
+
+def _adaptive_model(spec, name: str, folder: str, pick: list[Prompt], methods: list[str], out: Path, *, gcg, autodan,
+                    judges, max_new_tokens: int, resume: bool, overwrite: bool, progress: bool, load=None) -> dict:
+    """Every method against one model (a spec loaded here, or a ``(name, model, tokenizer)`` triple): one
+    :func:`attack_behaviors` run per method into ``out/<folder>/<method>/`` and the model's store ``out/<folder>/``."""
+    if isinstance(spec, str):
+        if load is None:
+            from ..models import load_model as load
+        model, tok = load(spec)
+    else:
+        _, model, tok = spec
+    js = judges(model, tok) if callable(judges) and not isinstance(judges, (list, tuple)) else judges
+    res = {}
+    for m in methods:
+        d = out / folder / m
+        res[m] = attack_behaviors(model, tok, pick, _method_config(m, gcg, autodan), out=d, judges=js,
+                                  max_new_tokens=max_new_tokens, source=str(name), resume=resume and d.exists(),
+                                  overwrite=overwrite, progress=progress, also_store=out / folder)
+        done = TestCaseStore(d).records()  # a resumed run's earlier behaviours too
+        if done:
+            TestCaseStore(out / folder).add(done)
+    return res
+
+
+def _attack_chunk(spec: str, method: str, chunk: list[Prompt], run_dir: str, cfg, load=None) -> list[str]:
+    """One Ray task of :func:`adaptive`: the attacks (the optimisation only) of ``chunk`` against one model, each in
+    its resumable state folder ``run_dir/states/<id>/``, exactly where :func:`attack_behaviors` keeps it; the judged
+    answers and the records are made afterwards, per model, from the finished states."""
+    if load is None:
+        from ..models import load_model as load
+    model, tok = load(spec)
+    for b in chunk:
+        state_dir = Path(run_dir) / "states" / _safe_id(b.id)
+        if method == "gcg":
+            _attack_gcg(model, tok, [b], cfg, state_dir, True, False)
+        else:
+            _attack_autodan(model, tok, b, cfg, state_dir, True, False, None)
+    return [b.id for b in chunk]
+
+
+def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], methods: list[str], out: Path, ropts, *,
+                  chunk: int, gcg, autodan, judges, max_new_tokens: int, resume: bool, overwrite: bool, progress: bool,
+                  load) -> dict:
+    """:func:`adaptive` on Ray: one task per (model, method, chunk of behaviours) runs the attacks into their state
+    folders, then one task per model judges them (its store, summaries and answers, as in a single process)."""
+    import shutil
+
+    from ..scale import run_units
+
+    if not all(isinstance(m, str) for m in models):
+        raise AttackError("with ray=, give the models as load_model specs (each task loads its own copy), "
+                          "not (name, model, tokenizer) triples")
+    V.positive_int("chunk", chunk)
+    units = []
+    for spec, folder in zip(models, safe):
+        for m in methods:
+            d = out / folder / m
+            if overwrite and not resume and d.exists():
+                shutil.rmtree(d)  # what attack_behaviors(overwrite=True) would clear, cleared once before the tasks
+            d = check_output_path(d, False, "dir", content=CONTENT)  # the run folder the tasks write states into
+            d.mkdir(parents=True, exist_ok=True)
+            if read_marker(d) is None:
+                mark_dir(d, CONTENT)
+            done = {r["id"] for r in TestCaseStore(d).records()} if (d / "records.jsonl").is_file() else set()
+            todo = [b for b in pick if b.id not in done]
+            for i in range(0, len(todo), chunk):
+                part = todo[i:i + chunk]
+                units.append((f"{folder}/{m}/{part[0].id}", {"spec": spec, "method": m, "chunk": part,
+                                                             "run_dir": str(d), "cfg": _method_config(m, gcg, autodan),
+                                                             "load": load}))
+    run_units(units, _attack_chunk, ropts, desc="adaptive attacks", progress=progress)
+    judged = [(name, {"spec": spec, "name": name, "folder": folder, "pick": pick, "methods": methods, "out": out,
+                      "gcg": gcg, "autodan": autodan, "judges": judges, "max_new_tokens": max_new_tokens,
+                      "resume": True, "overwrite": False, "progress": False, "load": load})
+              for spec, name, folder in zip(models, names, safe)]
+    done = run_units(judged, _adaptive_model, ropts, desc="adaptive judging", progress=progress)
+    return {name: done[name]["result"] for name in names}
+
+
 def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, subset: int = 20,
              methods: Sequence[str] = METHODS, gcg: GCGConfig | None = None, autodan: AutoDANConfig | None = None,
              judges=None, max_new_tokens: int = 64, seed: int = 0, resume: bool = True, overwrite: bool = False,
-             progress: bool = True, load=None) -> dict:
+             progress: bool = True, load=None, ray=None, chunk: int = 4) -> dict:
     """Sparse adaptive attacks: each method optimised against each model on the same ``subset`` behaviours.
 
     ``models``: load_model specs (loaded one at a time) or ``(name, model, tokenizer)`` triples. The subset
@@ -330,7 +412,15 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     folder per method, ``out/<model name>/<method>/`` (its run, summary, states and its own store),
     resumable per (model, behaviour). ``judges``: a list, or a callable ``(model, tokenizer) -> list`` for
     judges that use each attacked model (the local model judge). Returns ``{model: {method: summary}}``.
+
+    ``ray``: fan out on Ray (``True``, an address or :class:`pysafegeom.scale.RayOptions`): one task per (model,
+    method, ``chunk`` behaviours) runs the attacks into the same state folders, then one task per model writes what a
+    single process writes; the models must then be specs. ``load``, when given with ``ray``, must be importable by
+    the workers (a module-level function).
     """
+    from ..scale import ray_options
+
+    ropts = ray_options(ray)
 
     behaviors = _check_behaviors(behaviors)
     V.positive_int("subset", subset)
@@ -358,26 +448,12 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
         pick = draw_subset(behaviors, subset, seed)
         atomic_write_text(sub_path, json.dumps({"seed": seed, "subset": subset, "behaviors": [b.id for b in pick]},
                                                indent=1) + "\n")
-    if load is None:
-        from ..models import load_model as load
-    results: dict = {}
-    for spec, name, folder in zip(models, names, safe):
-        if isinstance(spec, str):
-            model, tok = load(spec)
-        else:
-            _, model, tok = spec
-        results[name] = {}
-        js = judges(model, tok) if callable(judges) and not isinstance(judges, (list, tuple)) else judges
-        for m in methods:
-            cfg = (gcg or GCGConfig()) if m == "gcg" else (autodan or AutoDANConfig())
-            d = out / folder / m
-            results[name][m] = attack_behaviors(model, tok, pick, cfg, out=d, judges=js, max_new_tokens=max_new_tokens,
-                                                source=str(name), resume=resume and d.exists(), overwrite=overwrite,
-                                                progress=progress, also_store=out / folder)
-            done = TestCaseStore(d).records()  # a resumed run's earlier behaviours too
-            if done:
-                TestCaseStore(out / folder).add(done)
-        if isinstance(spec, str):
-            del model, tok
+    kw = dict(gcg=gcg, autodan=autodan, judges=judges, max_new_tokens=max_new_tokens, resume=resume,
+              overwrite=overwrite, progress=progress, load=load)
+    if ropts is not None:
+        results = _adaptive_ray(models, names, safe, pick, methods, out, ropts, chunk=chunk, **kw)
+    else:
+        results = {name: _adaptive_model(spec, name, folder, pick, methods, out, **kw)
+                   for spec, name, folder in zip(models, names, safe)}
     atomic_write_text(out / "adaptive.json", json.dumps(json_safe(results), indent=1) + "\n")
     return results

@@ -36,6 +36,7 @@ import torch
 
 from .._io import atomic_dir, atomic_write_text, check_output_path, json_safe, mark_dir, read_marker
 from ..errors import DataOverlap, InvalidArgument, InvalidType, MissingFile
+from ..models.provenance import weights_hash as _weights_hash
 from ..protocol import metrics as M
 
 CONTENT = "trajectory"
@@ -240,6 +241,27 @@ def _adapter_params(folder: Path) -> list[str] | None:
     return sorted(names)
 
 
+def zero_update_base(spec: str) -> str | None:
+    """The base of a LoRA adapter whose update is exactly zero (every B, or every A, matrix all zeros: an untrained
+    checkpoint-0), read from its files without loading a model; None for anything else. Merged, such an adapter
+    holds its base's weights bit for bit, so it is measured as its base."""
+    folder = _folder(spec)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file() \
+            or _adapter_params(folder) is None:
+        return None
+    from safetensors import safe_open
+
+    zero = {"A": True, "B": True}
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as st:
+        for k in st.keys():
+            side = "A" if ".lora_A." in k else "B"
+            if zero[side] and bool(st.get_tensor(k).any()):
+                zero[side] = False
+    if not (zero["A"] or zero["B"]):
+        return None
+    return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+
+
 class AnchorLoader:
     """Loads anchors one after another. LoRA adapters of one base share one loaded base: the adapter is merged in
     (PEFT's ``merge_and_unload``, as :func:`pysafegeom.load_model` does) after the weights the previous adapter
@@ -314,33 +336,6 @@ class AnchorLoader:
 
 def _sha_texts(items) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
-
-
-def _weights_hash(spec: str) -> str:
-    """sha256 of a model folder's weight files (for an adapter, with its base's): read once per file version."""
-    folder = _folder(spec)
-    files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")))
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    own = _files_hash(str(folder.resolve()), stamp)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-        return hashlib.sha256(f"{own}base:{_weights_hash(str(base))}".encode()).hexdigest()[:16]
-    return own
-
-
-@functools.lru_cache(maxsize=256)
-def _files_hash(folder: str, stamp: tuple) -> str:
-    """The hash behind :func:`_weights_hash`, cached by folder and file (name, size, mtime), so the base of every
-    adapter anchor is read once per run, not once per anchor."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for name, *_ in stamp:
-        f = folder / name
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def frozen_cases(cases):
@@ -969,10 +964,138 @@ def _fingerprint_config(anchor: Anchor, cfg: TrajectoryConfig, set_hashes: dict,
     return fp
 
 
+def _plan(keyed: list, out: Path, force: bool) -> list:
+    """``(anchor, (fingerprint, core, content key), fingerprint config, folder, state, old record)`` per anchor; state
+    is done / refresh / todo. A finished anchor measured with other options is refused (unless ``force``)."""
+    plan = []
+    for a, fp_cfg in keyed:
+        fp = _sha_texts(fp_cfg)
+        core = _sha_texts({k: v for k, v in fp_cfg.items() if k not in REDOABLE})
+        folder = out / "anchors" / a.name
+        state, old = "todo", None
+        if (folder / "anchor.json").is_file():
+            old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
+            if old.get("fingerprint") == fp:
+                state = "done"
+            elif old.get("fingerprint_core") == core and not force:
+                state = "refresh"  # only the test cases (a grown store) or the adaptive attacks changed
+            elif not force:
+                was = old.get("fingerprint_config", {})
+                diff = sorted(k for k in set(was) | set(fp_cfg) if was.get(k) != fp_cfg.get(k))
+                sub = [f"{k}.{j}" for k in diff if isinstance(fp_cfg.get(k), dict) and isinstance(was.get(k), dict)
+                       for j in set(fp_cfg[k]) | set(was[k]) if fp_cfg[k].get(j) != was[k].get(j)]
+                raise InvalidArgument(f"{folder} was measured with another configuration (differs in: "
+                                      f"{', '.join(sub or diff)}); use another out=, the same options, or force=True "
+                                      f"(--force) to measure it again")
+        plan.append((a, (fp, core, _content_key(fp_cfg)), fp_cfg, folder, state, old))
+    return plan
+
+
+def _remember(same: dict, a: Anchor, folder: Path, *keys) -> None:
+    for key in keys:
+        if key is not None:
+            same.setdefault(key, (a, folder))
+
+
+def anchor_work(loader: "AnchorLoader", a: Anchor, fp: tuple, fp_cfg: dict, folder: Path, state: str, old, inputs: dict,
+                cfg: TrajectoryConfig, ident: dict, same: dict, progress: bool, tag: str) -> dict:
+    """One anchor that is not done: copied from an anchor of the same weights (``same``), refreshed, or measured into
+    its folder (atomically); returns its log entry. The single-process loop and each Ray task both run this."""
+    if state == "todo" and fp[2] in same:
+        src, src_folder = same[fp[2]]
+        if progress:
+            print(f"{tag}: the same weights as {src.name}; its measurement copied", flush=True)
+        with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+            copy_anchor(src_folder, tmp, a, src, fp, fp_cfg)
+        return {"anchor": a.name, "skipped": False, "copied_from": src.name}
+    if state == "refresh":
+        what = [k for k in REDOABLE if old.get("fingerprint_config", {}).get(k) != fp_cfg.get(k)]
+        if progress:
+            print(f"{tag}: {' and '.join(what)} changed; redoing only that (the rest is kept)", flush=True)
+        model, tok = loader.load(a.spec)
+        t0 = time.perf_counter()
+        with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+            row, redone = refresh_anchor(model, tok, a, folder, tmp, inputs, cfg, old["fingerprint_config"],
+                                         fp_cfg, progress)
+            _write_record(tmp, fp, fp_cfg, row, old.get("loaded_weights_key"))
+        del model
+        shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
+        return {"anchor": a.name, "skipped": False, "refreshed": redone, "seconds": time.perf_counter() - t0}
+    base = zero_update_base(a.spec) if state == "todo" else None
+    if base is not None:  # an untrained adapter: its base's weights, known from its files (nothing loaded)
+        wkey = _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(base)})
+        if wkey in same:
+            src, src_folder = same[wkey]
+            if progress:
+                print(f"{tag}: a zero LoRA update of the base measured as {src.name}; its measurement copied", flush=True)
+            with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+                copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
+            return {"anchor": a.name, "skipped": False, "copied_from": src.name}
+    if progress:
+        print(f"{tag}: measuring", flush=True)
+    t0 = time.perf_counter()
+    model, tok = loader.load(a.spec)
+    # the weights as loaded: a LoRA checkpoint whose merge changed nothing is its base, whatever its A matrix
+    wkey = None if loader.loaded_as is None else \
+        _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(loader.loaded_as)})
+    t_load = time.perf_counter() - t0
+    if wkey in same:
+        src, src_folder = same[wkey]
+        if progress:
+            print(f"{tag}: loads to the same weights as {src.name}; its measurement copied", flush=True)
+        with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+            copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
+        return {"anchor": a.name, "skipped": False, "copied_from": src.name}
+    with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
+        row = measure_anchor(model, tok, a, tmp, inputs, cfg, progress)
+        row["seconds"]["load"] = t_load
+        row["seconds"]["total"] += t_load
+        row["identity"] = ident
+        _write_record(tmp, fp, fp_cfg, row, wkey)
+    del model
+    shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
+    _remember(same, a, folder, fp[2], wkey)
+    return {"anchor": a.name, "skipped": False, "seconds": row["seconds"]}
+
+
+def _anchor_task(a: Anchor, fp: tuple, fp_cfg: dict, folder: str, state: str, old, inputs: dict, cfg: TrajectoryConfig,
+                 ident: dict, same: dict, device, dtype) -> dict:
+    """One Ray task: :func:`anchor_work` on a worker, with its own loader and prompt encodings."""
+    from ..prompts import shared_encoding
+
+    with shared_encoding():
+        entry = anchor_work(AnchorLoader(device=device, dtype=dtype), a, fp, fp_cfg, Path(folder), state, old, inputs,
+                            cfg, ident, dict(same), False, a.name)
+    return entry
+
+
+def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, device, dtype, ropts, progress: bool) -> dict:
+    """The anchors still to measure or refresh, one Ray task each (anchors of one content key once: the rest are
+    copied by the single-process pass afterwards); returns ``{anchor name: log entry}``."""
+    from ..scale import run_units
+
+    same: dict = {}
+    for a, fp, _, folder, state, old in plan:
+        if state == "done":
+            _remember(same, a, folder, fp[2], old.get("loaded_weights_key"))
+    units, seen = [], set(same)
+    for a, fp, fp_cfg, folder, state, old in plan:
+        base = zero_update_base(a.spec) if state == "todo" else None
+        wkey = None if base is None else _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(base)})
+        if state == "done" or (state == "todo" and (fp[2] in seen or wkey in seen)):
+            continue  # copied by the single-process pass from the anchor with its weights
+        seen.update(k for k in (fp[2], wkey) if k is not None)
+        units.append((a.name, {"a": a, "fp": fp, "fp_cfg": fp_cfg, "folder": str(folder), "state": state, "old": old,
+                               "inputs": inputs, "cfg": cfg, "ident": idents[a.name], "same": same, "device": device,
+                               "dtype": dtype}))
+    done = run_units(units, _anchor_task, ropts, desc="trajectory anchors", progress=progress)
+    return {k: {**v["result"], "ray": {"seconds": v["seconds"], "pid": v["pid"]}} for k, v in done.items()}
+
+
 def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=None, cases=None, config=None,
                progress: bool = True, force: bool = False, transfer=None, transfer_names: dict | None = None,
                device=None, dtype=None, report: bool = True, adaptive_behaviors=None, adaptive_targets=None,
-               **options) -> TrajectoryResult:
+               ray=None, **options) -> TrajectoryResult:
     """Run the protocol over every anchor of each trajectory and compare them (PROTOCOL.md sections 3 and 7).
 
     ``runs``: ``{name: [(step, spec), ...]}`` (steps strictly increasing; a spec is anything
@@ -988,12 +1111,19 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     fingerprint (weights, options, prompt sets, cases) matches; a mismatching one is refused unless
     ``force=True``. Returns a :class:`TrajectoryResult` and writes ``out/trajectory.json``, ``out/table.md`` (the anchor
     and correlation tables in Markdown) and ``report.html``.
+
+    ``ray``: fan the anchors out on Ray, one task per anchor still to measure (``True`` for a local cluster, an
+    address, or :class:`pysafegeom.scale.RayOptions` for each task's ``num_gpus`` / ``num_cpus``); the folders and
+    results are those of a single-process run. Without it nothing imports Ray.
     """
     from ..data import load_prompts
     from ..pipelines.analyze import load_result
 
     if not isinstance(runs, dict) or not runs:
         raise InvalidType("runs must be a non-empty dict {trajectory name: training folder or [(step, spec), ...]}")
+    from ..scale import ray_options
+
+    ropts = ray_options(ray)
     cfg = _split_options(config, options)
     trajectories = {name: anchors_of(name, run) for name, run in runs.items()}
     idents = check_anchors(trajectories)
@@ -1033,29 +1163,9 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             t for r in records for t in (r.get("test_case"), r.get("behavior")) if t))
     check_hygiene([a for anchors in trajectories.values() for a in anchors], evaluated)
     # every anchor's fingerprint, and the refusal of a mismatching finished anchor, before any model is measured
-    plan = []
-    for anchors in trajectories.values():
-        for a in anchors:
-            fp_cfg = _fingerprint_config(a, cfg, set_hashes, cases_hash, _weights_hash(a.spec), dtype, adaptive_hash)
-            fp = _sha_texts(fp_cfg)
-            core = _sha_texts({k: v for k, v in fp_cfg.items() if k not in REDOABLE})
-            folder = out / "anchors" / a.name
-            state, old = "todo", None
-            if (folder / "anchor.json").is_file():
-                old = json.loads((folder / "anchor.json").read_text(encoding="utf-8"))
-                if old.get("fingerprint") == fp:
-                    state = "done"
-                elif old.get("fingerprint_core") == core and not force:
-                    state = "refresh"  # only the test cases (a grown store) or the adaptive attacks changed
-                elif not force:
-                    was = old.get("fingerprint_config", {})
-                    diff = sorted(k for k in set(was) | set(fp_cfg) if was.get(k) != fp_cfg.get(k))
-                    sub = [f"{k}.{j}" for k in diff if isinstance(fp_cfg.get(k), dict) and isinstance(was.get(k), dict)
-                           for j in set(fp_cfg[k]) | set(was[k]) if fp_cfg[k].get(j) != was[k].get(j)]
-                    raise InvalidArgument(f"{folder} was measured with another configuration (differs in: "
-                                          f"{', '.join(sub or diff)}); use another out=, the same options, or force=True "
-                                          f"(--force) to measure it again")
-            plan.append((a, (fp, core, _content_key(fp_cfg)), fp_cfg, folder, state, old))
+    keyed = [(a, _fingerprint_config(a, cfg, set_hashes, cases_hash, _weights_hash(a.spec), dtype, adaptive_hash))
+             for anchors in trajectories.values() for a in anchors]
+    plan = _plan(keyed, out, force)
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         mark_dir(out, CONTENT)
@@ -1065,73 +1175,28 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     loader = AnchorLoader(device=device, dtype=dtype)
     rows, results, log = [], {}, []
     t_start = time.perf_counter()
+    fanned = {}
+    if ropts is not None:  # one Ray task per anchor still to measure (or refresh); the pass below then finds them done
+        fanned = _fan_out(plan, inputs, cfg, idents, device, dtype, ropts, progress)
+        plan = _plan(keyed, out, force)
     # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
     # runs from one base) is copied from it, not measured again: keyed by its files and by its weights as loaded
     same = {}
-
-    def remember(a, folder, *keys):
-        for key in keys:
-            if key is not None:
-                same.setdefault(key, (a, folder))
-
     for a, fp, _, folder, state, old in plan:
         if state == "done":
-            remember(a, folder, fp[2], old.get("loaded_weights_key"))
+            _remember(same, a, folder, fp[2], old.get("loaded_weights_key"))
     with shared_encoding() as encodings:  # every prompt list tokenised once for all anchors (one tokenizer)
         for i, (a, fp, fp_cfg, folder, state, old) in enumerate(plan, 1):
             tag = f"[{i}/{len(plan)}] {a.name} ({a.spec})"
-            if state == "todo" and fp[2] in same:
-                src, src_folder = same[fp[2]]
-                if progress:
-                    print(f"{tag}: the same weights as {src.name}; its measurement copied", flush=True)
-                with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                    copy_anchor(src_folder, tmp, a, src, fp, fp_cfg)
-                log.append({"anchor": a.name, "skipped": False, "copied_from": src.name})
+            if state == "done" and a.name in fanned:
+                log.append(fanned[a.name])
             elif state == "done":
                 if progress:
                     print(f"{tag}: done already, skipped", flush=True)
                 log.append({"anchor": a.name, "skipped": True})
-            elif state == "refresh":
-                what = [k for k in REDOABLE if old.get("fingerprint_config", {}).get(k) != fp_cfg.get(k)]
-                if progress:
-                    print(f"{tag}: {' and '.join(what)} changed; redoing only that (the rest is kept)", flush=True)
-                model, tok = loader.load(a.spec)
-                t0 = time.perf_counter()
-                with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                    row, redone = refresh_anchor(model, tok, a, folder, tmp, inputs, cfg, old["fingerprint_config"],
-                                                 fp_cfg, progress)
-                    _write_record(tmp, fp, fp_cfg, row, old.get("loaded_weights_key"))
-                del model
-                shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
-                log.append({"anchor": a.name, "skipped": False, "refreshed": redone,
-                            "seconds": time.perf_counter() - t0})
             else:
-                if progress:
-                    print(f"{tag}: measuring", flush=True)
-                t0 = time.perf_counter()
-                model, tok = loader.load(a.spec)
-                # the weights as loaded: a LoRA checkpoint whose merge changed nothing is its base, whatever its A matrix
-                wkey = None if loader.loaded_as is None else \
-                    _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(loader.loaded_as)})
-                t_load = time.perf_counter() - t0
-                if wkey in same:
-                    src, src_folder = same[wkey]
-                    if progress:
-                        print(f"{tag}: loads to the same weights as {src.name}; its measurement copied", flush=True)
-                    with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                        copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
-                    log.append({"anchor": a.name, "skipped": False, "copied_from": src.name})
-                else:
-                    with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                        row = measure_anchor(model, tok, a, tmp, inputs, cfg, progress)
-                        row["seconds"]["load"] = t_load
-                        row["seconds"]["total"] += t_load
-                        row["identity"] = idents[a.name]
-                        _write_record(tmp, fp, fp_cfg, row, wkey)
-                    shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
-                    log.append({"anchor": a.name, "skipped": False, "seconds": row["seconds"]})
-                    remember(a, folder, fp[2], wkey)
-                del model
+                log.append(anchor_work(loader, a, fp, fp_cfg, folder, state, old, inputs, cfg, idents[a.name], same,
+                                       progress, tag))
             rows.append(json.loads((folder / "anchor.json").read_text(encoding="utf-8"))["row"])
             results[a.name] = load_result(folder / "analysis")
     loader._drop()
@@ -1152,6 +1217,8 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
                         "random orderings; two-sided unless named",
             "loading": {"adapter_swaps": loader.swaps, "fresh_loads": loader.fresh},
             "encoding": {"encoded": encodings["misses"], "reused": encodings["hits"]}, "log": log,
+            "ray": None if ropts is None else {"address": ropts.address, "units": len(fanned),
+                                                "num_cpus": ropts.num_cpus, "num_gpus": ropts.num_gpus},
             "seconds": time.perf_counter() - t_start}
     res = TrajectoryResult(rows, corr, tr, findings(rows, corr), meta, out)
     atomic_write_text(out / "trajectory.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False) + "\n")
