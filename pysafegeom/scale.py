@@ -107,7 +107,7 @@ class _Session:
     def __enter__(self):
         ray = import_ray()
         if not ray.is_initialized():
-            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if self.opts.runtime_env:
                 kw["runtime_env"] = self.opts.runtime_env
             if self.opts.address is None:

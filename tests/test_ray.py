@@ -148,6 +148,8 @@ def test_trajectory_on_ray_equals_one_process_with_a_worker_killed(cluster, setu
         names = sorted(p.relative_to(tmp_path / "ray").as_posix() for p in (tmp_path / "ray" / "anchors" / a).rglob("*"))
         assert names == sorted(p.relative_to(tmp_path / "one").as_posix()
                                for p in (tmp_path / "one" / "anchors" / a).rglob("*"))
+    # the killed task's half-written folder was cleared when its retry wrote the same anchor
+    assert not [p.name for p in (tmp_path / "ray" / "anchors").iterdir() if p.name.startswith(".")]
     again = _trajectory(setup, tmp_path / "ray", ray=True)  # a rerun: every anchor done, no task
     assert again.meta["ray"]["units"] == 0 and all(e.get("skipped") for e in again.meta["log"])
 
