@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,8 +137,14 @@ def _trajectory(s, out, **kw):
                       progress=False, report=False, **{**OPTS, **kw})
 
 
-def test_trajectory_on_ray_equals_one_process_with_a_worker_killed(cluster, setup, tmp_path):
-    one = _trajectory(setup, tmp_path / "one")
+@pytest.fixture(scope="module")
+def one_process(setup):
+    return _trajectory(setup, setup / "one-process")
+
+
+def test_trajectory_on_ray_equals_one_process_with_a_worker_killed(cluster, setup, one_process, tmp_path):
+    one = one_process
+    shutil.copytree(setup / "one-process", tmp_path / "one")
     fanned, killed = _kill_one_worker_during(lambda: _trajectory(setup, tmp_path / "ray", ray=True))
     assert killed is not None, "no worker was seen running a unit"
     assert fanned.meta["ray"]["units"] == 4  # sft2-0 is a zero LoRA update: copied from sft-0, not a task
@@ -152,6 +160,29 @@ def test_trajectory_on_ray_equals_one_process_with_a_worker_killed(cluster, setu
     assert not [p.name for p in (tmp_path / "ray" / "anchors").iterdir() if p.name.startswith(".")]
     again = _trajectory(setup, tmp_path / "ray", ray=True)  # a rerun: every anchor done, no task
     assert again.meta["ray"]["units"] == 0 and all(e.get("skipped") for e in again.meta["log"])
+
+
+def test_a_killed_driver_loses_only_the_units_in_flight(cluster, setup, one_process, tmp_path):
+    """A driver joined to the cluster is SIGKILLed once an anchor is written; the rerun measures only the rest and
+    ends in the single-process result."""
+    out = tmp_path / "ray"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import pathlib, test_ray as T; "
+            f"T._trajectory(pathlib.Path({str(setup)!r}), pathlib.Path({str(out)!r}), "
+            f"ray={ray.get_runtime_context().gcs_address!r})")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    t0 = time.time()
+    while driver.poll() is None and time.time() - t0 < 150 and not list(out.glob("anchors/*/anchor.json")):
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    finished = {p.parent.name for p in out.glob("anchors/*/anchor.json")}
+    assert finished and len(finished) < 5, (finished, driver.stderr.read()[-2000:])
+    res = _trajectory(setup, out, ray=True)
+    log = {e["anchor"]: e for e in res.meta["log"]}
+    assert all(log[a].get("skipped") for a in finished)
+    assert res.meta["ray"]["units"] == len({"sft-0", "sft-2", "sft-4", "sft2-2"} - finished)
+    assert _strip(res.table) == _strip(one_process.table) and res.findings == one_process.findings
 
 
 def _replay(s, out, **kw):
