@@ -35,6 +35,7 @@ import torch
 from . import validate as V
 from .errors import InvalidArgument
 from .models.forward import forward_names, position_ids
+from .models.placement import input_device, is_sharded
 from .refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_rate  # noqa: F401  (the one substring rule)
 
 
@@ -260,7 +261,9 @@ def generate(
         raise InvalidArgument(
             f"max_new_tokens={max_new_tokens} does not fit: the longest prompt is {longest} tokens and the model's "
             f"context length is {ctx} tokens, so at most {ctx - longest} new tokens fit after it")
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device; a model placed over several devices returns logits here too
+    # a KV cache spread over several devices is indexed with host indices (valid for every device's tensors)
+    host_index = is_sharded(model)
     stops = torch.tensor(stop_token_ids(tokenizer, template), dtype=torch.long, device=device)
     stop_set = frozenset(stops.tolist())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -327,7 +330,7 @@ def generate(
                     last = last + 1
                     if can_compact and n_fin and n_fin * _COMPACT_SHARE >= len(active):
                         keep = (~finished).nonzero().flatten()
-                        cache.batch_select_indices(keep)
+                        cache.batch_select_indices(keep.cpu() if host_index else keep)
                         active, nxt, last = active[keep], nxt[keep], last[keep]
                         full_mask = full_mask[keep]
                         if keys is not None:

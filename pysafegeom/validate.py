@@ -310,6 +310,90 @@ def device(name: str, v: Any, *, check_available: bool = True) -> torch.device |
     return dev
 
 
+DEVICE_MAP_MODES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_device(name: str, key, v, *, check_available: bool) -> str | int:
+    """One device of a device map: an int GPU index, 'cpu', 'disk', 'cuda[:N]', 'mps' or a torch.device, normalised
+    to what accelerate takes (an int for a CUDA device, else the name)."""
+    where = f"{name}[{key!r}]"
+    if isinstance(v, str) and v.strip().lower() == "disk":
+        return "disk"
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        if v < 0:
+            raise InvalidArgument(f"{where} = {v}: a GPU index must be >= 0")
+        dev = device(where, f"cuda:{int(v)}", check_available=check_available)
+    elif isinstance(v, (str, torch.device)):
+        if isinstance(v, str) and v.strip().lower() == "meta":
+            raise InvalidArgument(f"{where} = 'meta' is not a place to keep weights; use 'disk' (with offload_folder=) "
+                                  "to offload them")
+        try:
+            dev = device(where, v, check_available=check_available)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{exc}; a device map also accepts 'disk' and GPU indices (0, 1, ...)") from None
+    else:
+        raise InvalidType(f"{where} must be a device ('cpu', 'cuda:N', 'mps', 'disk', a GPU index or a torch.device), "
+                          f"got {_kind(v)} {show(v)}")
+    if dev.type == "cuda":
+        return dev.index if dev.index is not None else 0
+    return dev.type
+
+
+def device_map(name: str, v: Any, *, check_available: bool = True) -> str | dict | None:
+    """None, one of ``'auto'``, ``'balanced'``, ``'balanced_low_0'``, ``'sequential'`` (accelerate places the
+    modules), or a dict module name -> device (an int GPU index, ``'cpu'``, ``'cuda:N'``, ``'mps'``, ``'disk'``);
+    ``''`` as a key names the whole model. Devices are normalised to accelerate's form (ints for CUDA)."""
+    if v is None:
+        return None
+    modes = ", ".join(map(repr, DEVICE_MAP_MODES))
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in DEVICE_MAP_MODES:
+            return s
+        near = difflib.get_close_matches(s, list(DEVICE_MAP_MODES), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise InvalidArgument(f"{name}={v!r} is not a placement mode{hint}; pass one of {modes}, or a dict module name "
+                              "-> device such as {'model.embed_tokens': 0, 'model.layers.0': 0, ..., 'lm_head': 'cpu'}; "
+                              "for one device pass device= instead")
+    if not isinstance(v, dict):
+        raise InvalidType(f"{name} must be one of {modes} or a dict module name -> device, got {_kind(v)} {show(v)}")
+    if not v:
+        raise InvalidArgument(f"{name} is an empty dict: it places no module; pass {modes} or name every module")
+    out = {}
+    for key, dev in v.items():
+        if not isinstance(key, str):
+            raise InvalidType(f"{name} keys must be module names (str, '' for the whole model), got {_kind(key)} "
+                              f"{show(key)}")
+        out[key.strip()] = _map_device(name, key, dev, check_available=check_available)
+    return out
+
+
+def max_memory(name: str, v: Any) -> dict | None:
+    """None, or a dict device -> memory budget (bytes as an int, or a size such as ``'10GiB'`` / ``'500MB'``) for
+    accelerate's placement; devices are GPU indices, ``'cpu'``, ``'cuda:N'``, ``'mps'`` or ``'disk'``."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not v:
+        raise InvalidType(f"{name} must be a non-empty dict device -> memory (e.g. {{0: '20GiB', 'cpu': '60GiB'}}), "
+                          f"got {_kind(v)} {show(v)}")
+    out = {}
+    for key, budget in v.items():
+        dev = _map_device(name, key, key, check_available=True)
+        if isinstance(budget, bool) or not isinstance(budget, (numbers.Integral, str)):
+            raise InvalidType(f"{name}[{key!r}] must be a byte count (int) or a size such as '10GiB', got "
+                              f"{_kind(budget)} {show(budget)}")
+        if isinstance(budget, str):
+            m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B)\s*", budget, flags=re.IGNORECASE)
+            if m is None:
+                raise InvalidArgument(f"{name}[{key!r}] = {budget!r} is not a size; write e.g. '10GiB', '512MiB' or "
+                                      "'2GB', or give bytes as an int")
+            budget = budget.strip()
+        elif budget <= 0:
+            raise InvalidArgument(f"{name}[{key!r}] = {budget}: a memory budget must be > 0 bytes")
+        out[dev] = budget
+    return out
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "f16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -574,8 +658,8 @@ def check_analyze_config(cfg, *, model_loaded: bool, dtype, device) -> None:
 
 
 __all__ = [
-    "INVISIBLE", "boolean", "check_analyze_config", "choice", "device", "disjoint", "dtype", "existing_file",
+    "DEVICE_MAP_MODES", "INVISIBLE", "boolean", "check_analyze_config", "choice", "device", "device_map", "disjoint", "dtype", "existing_file",
     "finite_float", "finite_tensor", "int_list_option", "integer", "is_blank", "is_model", "is_tokenizer", "json_file",
-    "nonneg_int", "optional_positive_int", "positive_int", "prompt_list", "safetensors_file", "sha256_file", "show",
+    "max_memory", "nonneg_int", "optional_positive_int", "positive_int", "prompt_list", "safetensors_file", "sha256_file", "show",
     "str_list", "token_ids_fit", "utf8_text",
 ]

@@ -372,7 +372,10 @@ def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's inputs go (its embedding's device; never ``meta`` for an offloaded model)."""
+    from ..models.placement import input_device
+
+    return input_device(model)
 
 
 @torch.no_grad()

@@ -12,6 +12,11 @@ every parameter and buffer bit for bit, a tied unembedding tied again), on excep
   stream, in place, restored on exit. :func:`export_orthogonalized` writes such an edited model as a new
   Hugging Face folder.
 
+Models placed over several devices with accelerate (``load_model(..., device_map=...)``) work with all three:
+the hooks edit each activation on the device it is on (the basis, vector and position mask are copied once to
+each device the model's blocks run on, never the activations to the host), and :func:`orthogonalize` edits
+offloaded weights (on ``meta``, loaded per forward from the hook's ``weights_map``) in an overlay over that map.
+
 Positions (``positions=`` of :func:`ablate` and :func:`add`):
 
 * ``"all"`` (default): every position of every forward, generated tokens included. No masking work is
@@ -47,6 +52,7 @@ from .. import ops
 from .. import validate as V
 from ..errors import InvalidArgument, InvalidType
 from ..models import ModelAdapter
+from ..models.placement import WeightsOverlay
 
 POSITION_MODES = ("all", "prompt", "instruction")
 MAX_DIRECTIONS = 16  # the fused kernels' limit on k
@@ -121,14 +127,8 @@ def _with_hidden(args, kwargs, x):
 
 # --- the edit run by the hooks --------------------------------------------------------------------
 
-class _Edit:
-    """``x -> x - beta Q Q^T x + av`` over the last dim, validated once so that a hook call is cheap.
-
-    The backend is chosen once for the model's device and dtype, and called directly on contiguous
-    inputs (in place where the caller says it is safe). Anything unusual (another dtype or device,
-    a non-contiguous tensor, autograd) goes through :func:`pysafegeom.ops.project_ablate`, which
-    validates and differentiates. Float64 inputs are computed in float64.
-    """
+class _EditOn:
+    """The constants of an :class:`_Edit` on one device (basis and vector in float64 and float32, the backend)."""
 
     def __init__(self, Q64: torch.Tensor | None, beta: float, av64: torch.Tensor | None, device, dtype):
         self.device, self.dtype = device, dtype
@@ -156,7 +156,7 @@ class _Edit:
                 return x
             return out
         grad = x.requires_grad and torch.is_grad_enabled()
-        if x.dtype != self.dtype or x.device != self.device or not x.is_contiguous() or grad:
+        if x.dtype != self.dtype or not x.is_contiguous() or grad:
             alpha, v = (1.0, self.av32) if self.av32 is not None else (0.0, None)
             return ops.project_ablate(x, self.Q32, self.beta, alpha, v, inplace=inplace and not grad)
         if self.beta == 0.0 and x.dtype == torch.float32:  # addition in float32: one add, as the reference does it
@@ -172,6 +172,37 @@ class _Edit:
             out = x2 if inplace else torch.empty_like(x2)
             self.mod.project_ablate(x2, self.Q32, self.beta, 1.0, self.av32, out, None)
         return x if inplace else out.view(x.shape)
+
+
+class _Edit:
+    """``x -> x - beta Q Q^T x + av`` over the last dim, validated once so that a hook call is cheap.
+
+    The edit runs on the device of each input it is given: with a model placed over several devices
+    (``device_map``) each layer's activations stay where they are, and the basis and vector are copied to each
+    device once (``devices``: made on entry; another device met in a forward is added at its first call). Per
+    device the backend is chosen once for the model's dtype and called directly on contiguous inputs (in place
+    where the caller says it is safe). Anything unusual (another dtype, a non-contiguous tensor, autograd) goes
+    through :func:`pysafegeom.ops.project_ablate`, which validates and differentiates. Float64 inputs are computed
+    in float64.
+    """
+
+    def __init__(self, Q64: torch.Tensor | None, beta: float, av64: torch.Tensor | None, devices, dtype):
+        self.beta, self.dtype = beta, dtype
+        self._Q64, self._av64 = Q64, av64
+        self._on: dict[torch.device, _EditOn] = {}
+        for dev in devices:
+            self.on(dev)
+
+    def on(self, device: torch.device) -> _EditOn:
+        """The edit's constants on ``device`` (made once, outside inference mode, so autograd can use them later)."""
+        c = self._on.get(device)
+        if c is None:
+            with torch.inference_mode(False), torch.no_grad():
+                c = self._on[device] = _EditOn(self._Q64, self.beta, self._av64, device, self.dtype)
+        return c
+
+    def __call__(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        return self.on(x.device)(x, inplace)
 
 
 # --- positions ------------------------------------------------------------------------------------
@@ -201,12 +232,14 @@ class _Gate:
     """Which forwards (prefill or decode) and which positions an intervention edits.
 
     ``active`` is None outside a forward of the decoder, True in a prompt forward, False in a decode
-    step; ``mask`` is None (every position) or a bool ``[B, T, 1]`` for the current prompt forward.
+    step; ``mask`` is None (every position) or a bool ``[B, T, 1]`` for the current prompt forward, on the
+    device of the forward's inputs; :meth:`mask_on` gives it on a layer's device (copied once per forward).
     """
 
     def __init__(self, positions, device, tokenizer=None, template=None, system=None):
         self.active: bool | None = None
         self.mask: torch.Tensor | None = None
+        self._mask_on: dict = {}
         self.user_mask = None
         if isinstance(positions, torch.Tensor):
             if positions.dtype != torch.bool or positions.dim() != 2:
@@ -231,6 +264,16 @@ class _Gate:
             self.suffix_ids = torch.tensor(split.suffix_ids, dtype=torch.long, device=device)
         self.every_forward = self.mode == "all"
 
+    def mask_on(self, device: torch.device) -> torch.Tensor | None:
+        """The current forward's mask on ``device`` (a model placed over several devices runs layers elsewhere)."""
+        m = self.mask
+        if m is None or m.device == device:
+            return m
+        c = self._mask_on.get(device)
+        if c is None:
+            c = self._mask_on[device] = m.to(device)
+        return c
+
     def install(self, root: nn.Module) -> list:
         if self.every_forward:
             self.active = True
@@ -247,6 +290,7 @@ class _Gate:
         def pre(mod, args, kwargs):
             cache = next((c for n in ("cache", "past_key_values", "past_key_value") if (c := get(args, kwargs, n)) is not None),
                          None)
+            self._mask_on = {}
             if _cache_len(cache) > 0:
                 self.active, self.mask = False, None
                 return None
@@ -260,6 +304,8 @@ class _Gate:
                     raise ValueError(f"the positions mask has shape {tuple(self.user_mask.shape)} but the prompt forward "
                                      f"has [B, T] = {list(shape) if shape else 'unknown'}")
                 self.mask = self.user_mask[:, :, None]
+                if ids is not None or emb is not None:
+                    self.mask = self.mask.to((ids if ids is not None else emb).device)
             else:
                 if ids is None:
                     raise ValueError("positions='instruction' needs the forward to be given input_ids (it reads the "
@@ -268,7 +314,7 @@ class _Gate:
             return None
 
         def post(mod, args, kwargs, out):
-            self.active, self.mask = None, None
+            self.active, self.mask, self._mask_on = None, None, {}
 
         return [root.register_forward_pre_hook(pre, with_kwargs=True),
                 root.register_forward_hook(post, with_kwargs=True, always_call=True)]
@@ -321,25 +367,25 @@ def _install(model, ad: ModelAdapter, gate: _Gate, edit: _Edit, pre_layers, post
                 return None
             return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
     else:
-        def state():
+        def state(x):
             if gate.active is None:
                 raise RuntimeError(f"positions={gate.mode!r} needs the model to be called through its decoder's forward "
                                    "(a layer ran outside it)")
-            return gate.active, gate.mask
+            return gate.active, gate.mask_on(x.device) if gate.active else None
 
         def pre(mod, args, kwargs):
-            active, m = state()
+            x = _hidden(args, kwargs)
+            active, m = state(x)
             if not active:
                 return None
-            x = _hidden(args, kwargs)
             y = edit(x, False)
             return _with_hidden(args, kwargs, y if m is None else torch.where(m, y, x))
 
         def post(mod, args, out):
-            active, m = state()
+            x = out[0] if isinstance(out, tuple) else out
+            active, m = state(x)
             if not active:
                 return None
-            x = out[0] if isinstance(out, tuple) else out
             y = edit(x, m is None)
             if m is not None:
                 y = torch.where(m, y, x)
@@ -353,6 +399,19 @@ def _install(model, ad: ModelAdapter, gate: _Gate, edit: _Edit, pre_layers, post
         handles.append(ad.attn_modules[l].register_forward_hook(post))
         handles.append(ad.mlp_modules[l].register_forward_hook(post))
     return handles
+
+
+def _devices(ad: ModelAdapter, layers: list[int]) -> list[torch.device]:
+    """The devices the hooks on ``layers`` see activations on: the inputs' device, and each layer's execution
+    device (a block's input arrives from the block before it; one device unless the model is placed over several)."""
+    devs = [ad.device]
+    if getattr(ad.model, "hf_device_map", None) is not None:
+        for l in layers:
+            for m in {ad.layers[l - 1] if l else ad.embed, ad.layers[l]}:
+                dev = ad.device_of(m)
+                if dev not in devs:
+                    devs.append(dev)
+    return devs
 
 
 def _layers(layers, n_layers: int) -> list[int]:
@@ -384,7 +443,7 @@ def ablate(model, direction: torch.Tensor, *, beta: float = 1.0, layers: list[in
     beta = V.finite_float("beta", beta, lo=0.0, hi=1.0, hint="1 = full ablation")
     idx = _layers(layers, ad.n_layers)
     gate = _Gate(positions, ad.device, tokenizer, template, system)
-    edit = _Edit(Q, beta, None, ad.device, ad.dtype)
+    edit = _Edit(Q, beta, None, _devices(ad, idx), ad.dtype)
     handles = []
     try:
         handles = _install(model, ad, gate, edit, idx, idx)
@@ -419,7 +478,7 @@ def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, position
     if v.norm() == 0:
         raise InvalidArgument("vector is zero: adding it would do nothing")
     gate = _Gate(positions, ad.device, tokenizer, template, system)
-    edit = _Edit(None, 0.0, alpha * v, ad.device, ad.dtype)
+    edit = _Edit(None, 0.0, alpha * v, _devices(ad, [layer]), ad.dtype)
     handles = []
     try:
         handles = _install(model, ad, gate, edit, [layer], [])
@@ -432,7 +491,16 @@ def add(model, vector: torch.Tensor, layer: int, *, alpha: float = 1.0, position
 # --- weight orthogonalisation ---------------------------------------------------------------------
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    if a is b:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta":  # offloaded: no storage, every data_ptr is 0
+        return False
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _tied(head: nn.Module, embed: nn.Module) -> bool:
+    """Whether the head's weight is the embedding's (the same parameter, or the same storage)."""
+    return _shares_storage(head.weight, embed.weight)
 
 
 @torch.no_grad()
@@ -472,39 +540,97 @@ def orthogonalize(model, direction: torch.Tensor):
     embedding is untied for the duration (it keeps the original weights) and tied again on exit. On exit,
     normal or by an exception, every edited tensor is restored bit for bit from an exact copy (memory: one
     copy of the writers' weights).
+
+    A model placed with accelerate (``load_model(..., device_map=...)``) is edited where each weight lives. An
+    offloaded weight (``"disk"``, or ``"cpu"`` under a GPU main device; the parameter is on ``meta``) is edited in
+    the mapping its accelerate hook loads it from: the hook's ``weights_map`` is wrapped, for the duration, in a
+    :class:`~pysafegeom.models.placement.WeightsOverlay` holding the edited copies (host memory: one copy of each
+    offloaded writer), so every forward (and ``save_pretrained``) inside the block sees the edited weights while the
+    offload store (files, host state dict) is never written; on exit the hook's own mapping is put back.
     """
     V.is_model("model", model)
     ad = ModelAdapter(model)
     Q = _basis(direction, ad.d_model, "direction")
     writers = ad.residual_writers()  # raises for architectures where the edit is not equivalent
     _check_plain_writers(writers, ad.d_model)
+    offloaded = _offloaded_writers(model, ad, writers)  # raises where an offloaded weight cannot be edited
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    overlays: list[tuple[object, object]] = []  # (accelerate hook, its own weights_map)
     head, head_param = ad.lm_head, None
     try:
         with torch.no_grad():
-            if _shares_storage(head.weight, ad.embed.weight):
+            if _tied(head, ad.embed):
                 head_param = head.weight
                 head.weight = nn.Parameter(head_param.detach().clone(), requires_grad=head_param.requires_grad)
             seen = set()
+            edits: dict[int, tuple[object, dict]] = {}  # id(hook) -> (hook, key -> edited tensor)
             for w in writers:
-                tensors = [(w.module.weight, w.residual_dim)]
+                tensors = [("weight", w.module.weight, w.residual_dim)]
                 b = getattr(w.module, "bias", None)
                 if isinstance(b, torch.Tensor) and w.name != "embed" and w.name != "pos_embed":
-                    tensors.append((b[None], 1))  # a bias [d] is one residual vector
-                for t, rdim in tensors:
+                    tensors.append(("bias", b, 1))  # a bias [d] is one residual vector
+                for pname, t, rdim in tensors:
+                    slot = offloaded.get((id(w.module), pname))
+                    if slot is not None:  # edit a copy of what the hook loads, served by an overlay
+                        hook, key = slot
+                        if (id(hook), key) in seen:
+                            continue
+                        seen.add((id(hook), key))
+                        new = hook.weights_map[key].detach().clone()
+                        _orthogonalize_(new[None] if pname == "bias" else new, Q, rdim)
+                        edits.setdefault(id(hook), (hook, {}))[1][key] = new
+                        continue
+                    t = t[None] if pname == "bias" else t
                     key = t.untyped_storage().data_ptr(), t.storage_offset()
                     if key in seen:
                         continue
                     seen.add(key)
                     saved.append((t, t.detach().clone()))
                     _orthogonalize_(t, Q, rdim)
+            for hook, new in edits.values():
+                overlays.append((hook, hook.weights_map))
+                hook.weights_map = WeightsOverlay(hook.weights_map, new)
         yield model
     finally:
         with torch.no_grad():
             for t, orig in saved:
                 t.copy_(orig)
+            for hook, own in reversed(overlays):
+                hook.weights_map = own
             if head_param is not None:
                 head.weight = head_param
+
+
+def _offloaded_writers(model, ad: ModelAdapter, writers) -> dict:
+    """``(id(module), "weight" | "bias") -> (accelerate hook, key)`` for the residual writers whose tensors are
+    offloaded (on ``meta``, loaded by a hook per forward); raises where such a tensor cannot be edited."""
+    out = {}
+    if not any(w.module.weight.device.type == "meta" for w in writers):
+        return out
+    from ..models.placement import _module_names, offload_slot
+
+    names = _module_names(model)
+    if _tied(ad.lm_head, ad.embed) and ad.embed.weight.device.type == "meta" \
+            and offload_slot(model, ad.lm_head, "weight", names) is None:
+        # the untied head must keep loading the original weights through a hook of its own
+        raise InvalidArgument(
+            "model: its token embedding is offloaded and tied to the LM head, and no accelerate hook of the head loads "
+            "the head's weight on its own, so orthogonalize cannot edit the embedding without editing the unembedding "
+            "too; place model.embed_tokens and lm_head on a device (e.g. device_map={..., 'model.embed_tokens': 0, "
+            "'lm_head': 0}), or use the hook-based ablate(), which works on any placement")
+    for w in writers:
+        for pname in ("weight", "bias"):
+            t = getattr(w.module, pname, None)
+            if not isinstance(t, torch.Tensor) or t.device.type != "meta" or (pname == "bias" and w.name in ("embed", "pos_embed")):
+                continue
+            slot = offload_slot(model, w.module, pname, names)
+            if slot is None:
+                raise InvalidArgument(
+                    f"model: {w.name}.{pname} is on the meta device but no accelerate offload hook loads it (a model "
+                    "initialised empty, or dispatched by hand?), so there is nothing to orthogonalise; load the "
+                    "weights (pysafegeom.load_model(..., device_map=...)) or use the hook-based ablate()")
+            out[(id(w.module), pname)] = slot
+    return out
 
 
 def _untie_in_config(config) -> None:
@@ -534,7 +660,7 @@ def export_orthogonalized(model, tokenizer, direction: torch.Tensor, out_dir: st
 
     out_dir = check_output_path(out_dir, overwrite, "dir", content="model")
     ad = ModelAdapter(model)
-    tied = _shares_storage(ad.lm_head.weight, ad.embed.weight)
+    tied = _tied(ad.lm_head, ad.embed)
     config = model.config
     with orthogonalize(model, direction):
         try:

@@ -118,7 +118,20 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        """Where inputs go: the token embedding's device (its execution device when accelerate placed the model
+        over several devices or offloaded it; never ``meta``; :mod:`pysafegeom.models.placement`)."""
+        w = self.embed.weight
+        if w.device.type != "meta" and getattr(self.embed, "_hf_hook", None) is None:
+            return w.device
+        from .placement import execution_device
+
+        return execution_device(self.model, self.embed)
+
+    def device_of(self, module: nn.Module) -> torch.device:
+        """Where ``module`` (a layer, the final norm, the head) computes (:func:`~pysafegeom.models.placement.execution_device`)."""
+        from .placement import execution_device
+
+        return execution_device(self.model, module)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -243,31 +243,50 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None, *, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file or a registered name.
 
     ``dtype`` defaults to float32 on CPU and to the checkpoint's own dtype on GPU; ``device`` defaults to
     CUDA when available. The model is returned in eval mode with its parameters frozen
     (``requires_grad=False``); training code unfreezes what it trains.
+
+    ``device_map`` places the model over several devices with accelerate instead of moving it to one
+    ``device`` (the two exclude each other): ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``
+    (accelerate fills the devices, within ``max_memory``: device -> bytes or ``"10GiB"``), or a dict module name ->
+    device (GPU index, ``"cpu"``, ``"cuda:N"``, ``"mps"``, or ``"disk"``, which needs ``offload_folder``). Offloaded
+    modules (``"disk"``, and ``"cpu"`` when a GPU is the main device) keep their weights on ``meta`` and load them for
+    each forward. The placement is recorded as ``model.hf_device_map``; :mod:`pysafegeom.models.placement` says
+    where inputs go. A LoRA adapter folder is merged into its base on the CPU first and the merged model is then
+    dispatched (so it must fit in host memory once). Without ``device_map`` nothing changes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_spec(spec)
-    device = V.device("device", device) or _default_device()
+    placement = _check_placement(device, device_map, max_memory, offload_folder)
+    device = None if placement else (V.device("device", device) or _default_device())
     dtype = V.dtype("dtype", dtype)
     folder = resolve(spec)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        return _load_adapter(folder, dtype, device)
+        return _load_adapter(folder, dtype, device, placement)
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else "auto"
+        on_cpu = device.type == "cpu" if device is not None else _placed_on_host(placement["device_map"])
+        dtype = torch.float32 if on_cpu else "auto"
     _check_model_folder(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputFileError(f"{folder}: its tokenizer files could not be loaded ({type(exc).__name__}: {exc})") from exc
+    if placement and isinstance(placement["device_map"], dict):
+        _check_device_map_names(folder, placement["device_map"])
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **(placement or {}))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if placement and isinstance(exc, ValueError) and "offload" in str(exc).lower():
+            raise InvalidArgument(f"device_map={V.show(placement['device_map'])}: accelerate placed part of the model "
+                                  f"on the disk ({exc}); pass offload_folder= (a folder for the offloaded weights) or "
+                                  "more max_memory") from exc
         raise InputFileError(f"{folder}: the model could not be loaded ({type(exc).__name__}: {exc})") from exc
     record = read_training_prompts(folder)
     if record is not None:
@@ -275,7 +294,91 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str
     return _finish(model, tok, device)
 
 
-def _load_adapter(folder: Path, dtype, device):
+def _check_placement(device, device_map, max_memory, offload_folder) -> dict | None:
+    """The ``from_pretrained`` keywords of a device map (None without one); the combinations that cannot work are
+    errors that say what to pass instead."""
+    if device_map is None:
+        for name, v in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if v is not None:
+                raise InvalidArgument(f"{name}= applies only with device_map= (accelerate's placement over several "
+                                      f"devices); pass device_map='auto' (or a dict) too, or drop {name}=")
+        return None
+    if device is not None:
+        raise InvalidArgument(f"device={V.show(device)} and device_map= exclude each other: device= moves the whole model "
+                              "to one device, device_map= places its modules (device_map={'': 'cuda:0'} is the same as "
+                              "device='cuda:0'); pass one of them")
+    dm = V.device_map("device_map", device_map)
+    kw = {"device_map": dm}
+    if max_memory is not None:
+        if isinstance(dm, dict):
+            raise InvalidArgument("max_memory= budgets accelerate's own placement (device_map='auto', 'balanced', "
+                                  "'balanced_low_0' or 'sequential'); an explicit device_map dict already says where "
+                                  "every module goes, so drop max_memory=")
+        kw["max_memory"] = V.max_memory("max_memory", max_memory)
+    if offload_folder is not None:
+        if not isinstance(offload_folder, (str, os.PathLike)) or not str(offload_folder).strip():
+            raise InvalidType(f"offload_folder must be a folder path (str or os.PathLike), got "
+                              f"{type(offload_folder).__name__} {V.show(offload_folder)}")
+        path = Path(offload_folder).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InvalidArgument(f"offload_folder={str(offload_folder)!r} exists and is not a folder; pass a folder "
+                                  "(it is created if missing) for the weights offloaded to the disk")
+        kw["offload_folder"] = str(path)
+    elif isinstance(dm, dict) and "disk" in dm.values():
+        on_disk = [k or "(the whole model)" for k, v in dm.items() if v == "disk"]
+        raise InvalidArgument(f"device_map puts {', '.join(on_disk[:4])}{' ...' if len(on_disk) > 4 else ''} on 'disk' "
+                              "but no offload_folder= was given; pass offload_folder=PATH (a folder for the offloaded "
+                              "weights)")
+    return kw
+
+
+def _placed_on_host(dm) -> bool:
+    """Whether a device map computes on the host only (then the default dtype is float32, as for device='cpu')."""
+    if isinstance(dm, str):
+        return not torch.cuda.is_available()
+    return all(v in ("cpu", "disk") for v in dm.values())
+
+
+def _check_device_map_names(folder: Path, dm: dict) -> None:
+    """Every key of an explicit device map names a module of the model in ``folder`` and every weight is placed,
+    checked on a ``meta`` copy (no weights read) so that a typo is named before accelerate's own error."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an unusual architecture: leave the check to accelerate
+        return
+    _check_map_covers(skeleton, dm)
+
+
+def _check_map_covers(model, dm: dict) -> None:
+    import difflib
+
+    modules = dict(model.named_modules())
+    unknown = [k for k in dm if k not in modules]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(modules), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        top = ", ".join(repr(n) for n, _ in model.named_children())
+        raise InvalidArgument(f"device_map names {', '.join(map(repr, unknown[:4]))}, which "
+                              f"{'is not a module' if len(unknown) == 1 else 'are not modules'} of this "
+                              f"{type(model).__name__}{hint}; its top-level modules are {top}")
+
+    def placed(name: str) -> bool:
+        return "" in dm or any(name == k or name.startswith(k + ".") for k in dm)
+
+    missing = [n for n in model.state_dict() if not placed(n)]  # what accelerate checks too
+    if missing:
+        owners = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in missing))
+        raise InvalidArgument(f"device_map gives no device to {', '.join(map(repr, owners[:4]))}"
+                              f"{f' and {len(owners) - 4} more modules' if len(owners) > 4 else ''}; place every "
+                              "module (a key that is a prefix places everything under it, '' the whole model)")
+
+
+def _load_adapter(folder: Path, dtype, device, placement=None):
     try:
         from peft import PeftModel
     except ImportError:
@@ -304,11 +407,38 @@ def _load_adapter(folder: Path, dtype, device):
     own = read_training_prompts(folder)
     if own is not None or base_record is not None:
         attach_training_prompts(model, list(dict.fromkeys((base_record or []) + (own or []))))
+    if placement is not None:
+        _dispatch(model, **placement)
     return _finish(model, tok, device)
 
 
+def _dispatch(model, device_map, max_memory=None, offload_folder=None) -> None:
+    """Place an already loaded (host) model with accelerate, as ``from_pretrained(device_map=...)`` would have."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map == "sequential":
+            budget = get_max_memory(max_memory)
+        else:
+            budget = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+    else:
+        _check_map_covers(model, device_map)
+    if device_map.get("") == "disk":  # accelerate writes no offload index for the key '' (the whole model): name its parts
+        device_map = {name: "disk" for name, _ in model.named_children()}
+    if "disk" in device_map.values() and offload_folder is None:
+        raise InvalidArgument(f"device_map={V.show(device_map)}: accelerate placed part of the model on the disk; pass "
+                              "offload_folder= (a folder for the offloaded weights) or more max_memory")
+    dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+    model.hf_device_map = dict(device_map)
+
+
 def _finish(model, tok, device):
-    model.to(device)
+    if device is not None:  # None: placed by accelerate (device_map=), never moved as a whole
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:

@@ -175,9 +175,10 @@ def _instruction_cross_entropy(model, tokenizer, prompts: list[str], references:
     post-instruction template tokens and the reference tokens are left alone.
     """
     from ..interventions.hooks import _Gate
+    from ..models.placement import input_device
     from ..prompts import format_prompts
 
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     gate = _Gate("instruction", dev, tokenizer, template, system)
     out = []
     for p, r in zip(prompts, references):

@@ -193,10 +193,20 @@ def capture(
     state: dict = {}
     need_final = L in layers or refusal_tokens is not None
 
+    def gather(hidden):
+        """The protocol's positions of ``hidden`` ``[B, P, d]``, on the capture's device. A model placed over
+        several devices (device_map) runs a layer elsewhere: the positions go to its device (once per batch) and
+        only the gathered rows come back."""
+        pos = state["pos"]
+        if hidden.device != pos.device:
+            pos = state["pos_on"].get(hidden.device)
+            if pos is None:
+                pos = state["pos_on"][hidden.device] = state["pos"].to(hidden.device)
+        return ops.gather_positions(hidden, pos, backend=backend).to(device)
+
     def grab(slot):
         def hook(mod, args, kwargs):
-            hidden = _layer_input(args, kwargs)
-            state["rows"][slot] = ops.gather_positions(hidden, state["pos"], backend=backend)
+            state["rows"][slot] = gather(_layer_input(args, kwargs))
             if slot == nl - 1 and not need_final:
                 raise _StopForward
         return hook
@@ -204,13 +214,13 @@ def capture(
     def final_hook(mod, args, kwargs):
         hidden = _layer_input(args, kwargs)
         if L in layers:
-            state["rows"][nl - 1] = ops.gather_positions(hidden, state["pos"], backend=backend)
+            state["rows"][nl - 1] = gather(hidden)
         if refusal_tokens is None:
             raise _StopForward
 
     def head_hook(mod, args, out):  # final norm output: run the head on the last position only
         logits = ad.lm_head(out[:, -1, :])
-        state["scores"] = refusal_scores_from_logits(logits, refusal_tokens)
+        state["scores"] = refusal_scores_from_logits(logits, refusal_tokens).to(device)
         raise _StopForward
 
     # the template's shared prefix (BOS, system turn, user header) runs once, before the capture hooks are installed;
@@ -233,6 +243,7 @@ def capture(
             for batch_items in tqdm(batches, desc="capture", unit="batch", disable=not progress):
                 fb = _pad_mixed(tokenizer, encoded, names, batch_items, device, n_prefix)
                 state["pos"] = fb.positions
+                state["pos_on"] = {}
                 state["rows"] = [None] * nl
                 state["scores"] = None
                 B = fb.input_ids.shape[0]

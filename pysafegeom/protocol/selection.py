@@ -282,7 +282,7 @@ def select_carrier(
     both = EncodedPrompts(enc_h.split, list(enc_h.rows) + list(enc_l.rows), list(enc_h.instructions) + list(enc_l.instructions))
     grid = [(l, p) for l in layers for p in positions]
     with torch.no_grad():
-        device = next(model.parameters()).device
+        device = ad.device  # the embedding's device (also where a model placed over several devices returns logits)
         # the template's shared prefix run once per batch (every hook here edits all positions)
         min_prefix = 2 if SHARED_PREFIX else None
         both_s = SharedPrefixBatches(tokenizer, both, batch_size, device, min_prefix)
