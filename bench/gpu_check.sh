@@ -17,6 +17,8 @@
 #      reference and HarmBench's padded way (bench/autodan_gpu.py); tests/test_autodan.py   -> autodan.log
 #   6b. GCG: equality to brute force on CUDA (5 archs), one step at width 512 in bf16 on a
 #      SmolLM2-shaped and a Llama-3.2-1B-shaped model (bench/gcg_gpu.py); tests/test_gcg.py    -> gcg.log
+#   6f. GCG candidates split over devices: devices=("cuda:0",) vs the plain path, one step at width 64
+#      (bench/gcg_devices.py: the split path's own overhead, and the same suffixes)          -> gcg_devices.log
 #   6d. R2D2: full fine-tuning steps in bf16 on a random Llama-3.2-1B-shaped model with HarmBench's R2D2
 #      settings, the step's time split (bench/r2d2_gpu.py)                                   -> r2d2.log
 #   6e. trajectory: two quick LoRA SFT runs of SmolLM2 on the GPU, pysafegeom.trajectory against the same
@@ -343,6 +345,16 @@ elif run_step gcg-tests "$OUT/gcg_tests.log" "$(cap 120)" "$PY" -m pytest -q -x 
   note gcg-tests PASS $((SECONDS - t0)) "$(tail -1 "$OUT/gcg_tests.log")"
 else
   note gcg-tests FAIL $((SECONDS - t0)) "see gcg_tests.log"
+fi
+
+# --- 6f. GCG candidates over devices: the one GPU named as devices=("cuda:0",) vs the plain path (the split's overhead) ---
+t0=$SECONDS
+if [ "$(left)" -lt 60 ] || [ ! -f bench/gcg_devices.py ]; then
+  note gcg-dev SKIP 0 "not enough of the time budget left ($(left)s) or no bench/gcg_devices.py"
+elif run_step gcg-devices "$OUT/gcg_devices.log" "$(cap 90)" "$PY" bench/gcg_devices.py --devices cuda:0 --steps 5; then
+  note gcg-dev PASS $((SECONDS - t0)) "$(grep -E 'replica' "$OUT/gcg_devices.log" | tr -s ' ' | paste -sd';' -)"
+else
+  note gcg-dev FAIL $((SECONDS - t0)) "see gcg_devices.log"
 fi
 
 # --- 6c. AutoDAN on the GPU: scoring equality on CUDA (5 archs), throughput vs the reference and HarmBench's way ---

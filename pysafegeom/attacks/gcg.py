@@ -33,6 +33,12 @@ The scoring in step 3 is where the time goes, and it is made cheaper by exact me
 * batches of at most ``batch_size`` candidates (None: all on CPU, an estimate from free memory on CUDA),
   halved on out-of-memory; no ``empty_cache`` between batches.
 
+More than one device (:mod:`pysafegeom.attacks.multidevice`): a model dispatched by accelerate over devices
+(``device_map=``, offloaded to the CPU or the disk) runs as it is: the one-hot and the ids live on the
+embedding's execution device, the target loss on the LM head's, each layer's prefix KV on that layer's.
+``GCGConfig.devices`` splits each step's candidates over replicas of the model, one per device, scored
+concurrently; the candidates, and so the search, are the same as on one device.
+
 Prompts are built from the chat template rendered around a sentinel (as :mod:`pysafegeom.prompts` does):
 the instruction, then the suffix, inside the user turn; turn markers that are also the BOS token are
 kept. With the retokenisation filter on, the attacked ids always equal
@@ -62,6 +68,8 @@ from .._io import atomic_write_bytes, json_safe
 from ..errors import InvalidArgument, InvalidType, OutputExists
 from ..models.forward import forward
 from ..prompts import SENTINEL, resolve_template, special_token_strings
+from . import multidevice
+from .multidevice import execution_device, module_weight, param_value
 
 DEFAULT_OPTIM_STR = "x x x x x x x x x x x x x x x x x x x x"
 STATE_FILE = "gcg_state.pt"
@@ -97,6 +105,13 @@ class GCGConfig:
     one more forward, in candidate tokens; None: 64 on CPU, 4096 on CUDA), ``batch_max_rows`` (most
     candidate tokens per forward; None: no cap). ``ce_backend`` forces the backend of the target-only CE
     (None: the op's automatic choice). ``progress``: a tqdm bar with loss, best loss and s/step.
+
+    ``devices`` (None: the model's own device or devices): score each step's candidates on these devices,
+    e.g. ``("cuda:0", "cuda:1")``, each holding a replica of the model (the model itself where it already is,
+    a deep copy made once elsewhere, or those given by ``GCG(..., replicas=)``); a name may repeat
+    (``("cpu", "cpu")``: two CPU replicas). The token gradient still runs on the model. It changes how the
+    candidates are batched, never which are drawn, so it is not part of a saved state's identity: a run
+    started on one device resumes on several. ``batch_size`` is then per device.
     """
 
     num_steps: int = 250
@@ -128,6 +143,11 @@ class GCGConfig:
     ce_backend: str | None = None
     memo_size: int = 200_000
     progress: bool = True
+    devices: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.devices, list):  # as read back from JSON
+            self.devices = tuple(self.devices)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +179,8 @@ class GCGConfig:
         V.positive_int("memo_size", self.memo_size)
         if self.ce_backend is not None:
             V.choice("ce_backend", self.ce_backend, ("torch", "cpp", "cuda", "triton"))
+        if self.devices is not None:
+            multidevice.parse_devices(self.devices)
         return self
 
     @classmethod
@@ -463,15 +485,18 @@ def mellowmax(t: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
 class _ModelScorer:
     """The attack as one model sees it: embeddings, body, LM head, and per-behaviour caches."""
 
-    def __init__(self, model, prompts: list[AttackPrompt], cfg: GCGConfig, notes: list[str]):
+    def __init__(self, model, prompts: list[AttackPrompt], cfg: GCGConfig, notes: list[str],
+                 share: "_ModelScorer | None" = None):
         self.model, self.cfg, self.prompts = model, cfg, prompts
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.embed = model.get_input_embeddings()
-        self.W_E = self.embed.weight
+        self.head = model.get_output_embeddings()
+        # a model dispatched by accelerate runs each module on its own device: ids and the one-hot live where
+        # the embedding runs, the target loss where the head does (one device for an undispatched model)
+        self.device = execution_device(self.embed)
+        self.out_device = execution_device(self.head) if self.head is not None else self.device
+        self.W_E = self.embed.weight  # for its shape and dtype only: module_weight() gives its value (offloaded: meta)
         scale = getattr(self.embed, "embed_scale", None)
         self.embed_scale = float(scale) if scale is not None else 1.0
-        self.head = model.get_output_embeddings()
         self.body = getattr(model, "base_model", model)
         self.target_only = cfg.target_only_logits and self._head_is_plain()
         if cfg.target_only_logits and not self.target_only:
@@ -494,7 +519,10 @@ class _ModelScorer:
         self.step_kv: list = [None] * len(prompts)
         self.step_ids: torch.Tensor | None = None
         self.rows_fed = 0  # candidate tokens run through the model (the scoring's compute, in rows)
-        self.refresh()
+        if share is None:
+            self.refresh()
+        else:  # a replica: the model's scorer computed the prefix KV
+            self.adopt(share)
         self._check_embedding()
 
     def refresh(self) -> None:
@@ -506,6 +534,23 @@ class _ModelScorer:
                 for b, t in enumerate(self.t):
                     out = forward(self.body, t["before"], use_cache=True)
                     self.prefix_kv[b] = [(k.detach(), v.detach()) for k, v in _cache_tensors(_out_cache(out))]
+
+    # -- a replica's caches, from the model's scorer (a replica holds the whole model on self.device)
+
+    def _moved(self, kv):
+        return None if kv is None else [(k.to(self.device), v.to(self.device)) for k, v in kv]
+
+    def adopt(self, src: "_ModelScorer") -> None:
+        """Take ``src``'s prefix KV (on this replica's device: shared when it is the same device) and drop the
+        suffix KV."""
+        self.prefix_kv = [self._moved(kv) for kv in src.prefix_kv]
+        self.step_kv = [None] * len(self.prompts)
+        self.step_ids = None
+
+    def adopt_step(self, src: "_ModelScorer") -> None:
+        """Take the suffix KV of ``src``'s last :meth:`token_grad`, for the prefix reuse in :meth:`score`."""
+        self.step_kv = [self._moved(kv) for kv in src.step_kv]
+        self.step_ids = src.step_ids
 
     def _batch_that_fits(self) -> int:
         """All candidates in one batch on CPU; on CUDA, the candidates whose activations and KV fit in 60% of
@@ -533,27 +578,34 @@ class _ModelScorer:
         ids = self.t[0]["before"][:, :4]
         with torch.no_grad():
             got = self.embed(ids)
-            mine = self.W_E[ids] * self.embed_scale
+            mine = module_weight(self.embed)[ids] * self.embed_scale
         if not torch.allclose(got.float(), mine.float(), rtol=1e-3, atol=1e-5):
             raise AttackError(f"{type(self.model).__name__}: its input embedding is not a (scaled) lookup of its "
                               "weight, so the one-hot token gradient is undefined for it")
 
     # -- losses from hidden states or logits
 
-    def _loss_h(self, h: torch.Tensor, b: int) -> torch.Tensor:
-        """``h [B, T, d]`` final hidden states at the positions predicting the target -> loss ``[B]`` float32."""
-        tgt = self.t[b]["target"]
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head's weight ``[V, d]`` on the head's device (loaded there when accelerate offloaded it)."""
+        return module_weight(self.head).detach()
+
+    def _loss_h(self, h: torch.Tensor, b: int, W: torch.Tensor | None = None) -> torch.Tensor:
+        """``h [B, T, d]`` final hidden states at the positions predicting the target -> loss ``[B]`` float32 (on
+        the head's device; ``W``: the head's weight, by :meth:`_head_weight`)."""
+        W = self._head_weight() if W is None else W
+        h = h.to(W.device)  # the final norm's device -> the head's (the same device unless dispatched)
+        tgt = self.t[b]["target"].to(W.device)
         B, T, d = h.shape
-        W = self.head.weight.detach()
         if self.cfg.use_mellowmax:
             z = (h.float() * W[tgt].float()[None]).sum(-1)  # [B, T] target logits
             return mellowmax(-z, self.cfg.mellowmax_alpha)
-        ce = ops.chunked_cross_entropy(h.reshape(B * T, d), W, tgt.repeat(B), backend=self.ce_backend)
+        with multidevice.on_device(W.device):
+            ce = ops.chunked_cross_entropy(h.reshape(B * T, d), W, tgt.repeat(B), backend=self.ce_backend)
         return ce.view(B, T).mean(1)
 
     def _loss_logits(self, logits: torch.Tensor, b: int) -> torch.Tensor:
         """``logits [B, T, V]`` at the positions predicting the target -> loss ``[B]`` float32."""
-        tgt = self.t[b]["target"]
+        tgt = self.t[b]["target"].to(logits.device)
         B, T, Vv = logits.shape
         if self.cfg.use_mellowmax:
             z = logits.float().gather(-1, tgt[None, :, None].expand(B, T, 1)).squeeze(-1)
@@ -567,7 +619,9 @@ class _ModelScorer:
         """``d (summed loss) / d onehot(ids)`` -> ``([L, V] float32 on CPU, loss)``; keeps the KV of the
         suffix for :meth:`score`'s prefix reuse."""
         L = ids.shape[0]
-        onehot = torch.zeros(L, self.W_E.shape[0], device=self.device, dtype=self.W_E.dtype)
+        W_E = module_weight(self.embed)  # [V, d] on the embedding's device
+        W_head = self._head_weight() if self.target_only else None
+        onehot = torch.zeros(L, W_E.shape[0], device=self.device, dtype=W_E.dtype)
         onehot.scatter_(1, ids.to(self.device)[:, None], 1.0)
         onehot.requires_grad_(True)
         grad = torch.zeros_like(onehot)
@@ -576,7 +630,7 @@ class _ModelScorer:
             t = self.t[b]
             T = t["target"].shape[0]
             with torch.enable_grad():
-                x_opt = (onehot @ self.W_E) * self.embed_scale  # [L, d]
+                x_opt = (onehot @ W_E) * self.embed_scale  # [L, d]
                 with torch.no_grad():
                     rest = self.embed(torch.cat([t["after"], t["target"][None, :-1]], dim=1))  # [1, A+T-1, d]
                 x = torch.cat([x_opt[None], rest], dim=1)
@@ -588,7 +642,7 @@ class _ModelScorer:
                         xb = self.embed(t["before"])
                     out = forward(self.body if self.target_only else self.model, inputs_embeds=torch.cat([xb, x], 1))
                 if self.target_only:
-                    loss = self._loss_h(out.last_hidden_state[:, -T:], b)
+                    loss = self._loss_h(out.last_hidden_state[:, -T:], b, W_head)
                 else:
                     loss = self._loss_logits(out.logits[:, -T:], b)
                 # the gradient of the one-hot only: the model's own trainable weights (a LoRA adapter being
@@ -643,25 +697,44 @@ class _ModelScorer:
         assert sum(e - s for s, e in bounds) == N
         return sorted(bounds)
 
+    def _reuses(self, cur: torch.Tensor, b: int) -> bool:
+        """Whether the suffix KV of the last :meth:`token_grad` (at ``cur``) is there for behaviour ``b``."""
+        return self.step_kv[b] is not None and self.step_ids is not None and torch.equal(self.step_ids, cur.cpu())
+
+    def first_changed(self, cands: torch.Tensor, cur: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(p [N], rows [N])`` on the CPU: the position from which each candidate ``cands [N, L]`` is run (its
+        first difference from ``cur`` when the suffix KV is reused, else 0; ``L`` for ``cur`` itself) and the
+        tokens it then feeds the model."""
+        cands = cands.cpu()
+        N, L = cands.shape
+        t = self.prompts[b]
+        if self._reuses(cur, b):
+            diff = cands != cur.cpu()[None]
+            p = torch.where(diff.any(1), diff.float().argmax(1), torch.full((N,), L))
+        else:
+            p = torch.zeros(N, dtype=torch.long)
+        rows = L - p + len(t.after_ids) + len(t.target_ids) - 1
+        if not self.cfg.use_prefix_cache:
+            rows = rows + len(t.before_ids)
+        return p, rows
+
     def score(self, cands: torch.Tensor, cur: torch.Tensor, b: int) -> torch.Tensor:
         """Losses ``[N]`` (float32, CPU) of candidate suffixes ``cands [N, L]`` for behaviour ``b``; the KV of
         ``before + cur[:p]`` is reused when :meth:`token_grad` last ran at ``cur``."""
+        p, _ = self.first_changed(cands, cur, b)
+        reuse = self._reuses(cur, b)
         cands = cands.to(self.device)
         N, L = cands.shape
         t = self.prompts[b]
         P, A, T = len(t.before_ids), len(t.after_ids), len(t.target_ids)
-        reuse = self.step_kv[b] is not None and self.step_ids is not None and torch.equal(self.step_ids, cur.cpu())
-        if reuse:
-            diff = cands != cur.to(self.device)[None]
-            p = torch.where(diff.any(1), diff.float().argmax(1), torch.full((N,), L, device=self.device))
-        else:
-            p = torch.zeros(N, dtype=torch.long, device=self.device)
         order = torch.argsort(p, stable=True)
         p_sorted = p[order].tolist()
+        order = order.to(self.device)
         losses = torch.empty(N, dtype=torch.float32)
         todo = self._partition(p_sorted, lambda p0: L - p0 + A + T - 1)
         tt = self.t[b]
         net = self.body if self.target_only else self.model
+        W_head = self._head_weight() if self.target_only else None  # loaded once per call when offloaded
         while todo:
             s, e = todo.pop(0)
             idx = order[s:e]
@@ -670,13 +743,17 @@ class _ModelScorer:
             toks = torch.cat([cands[idx, p0:], tt["after"].expand(n, -1), tt["target"][None, :-1].expand(n, -1)], 1)
             try:
                 with torch.no_grad():
+                    if not self.target_only:
+                        # fed on the head's device, the dispatched model's outputs stay where they are
+                        # computed: accelerate returns them on the device of the inputs
+                        toks = toks.to(self.out_device)
                     if self.cfg.use_prefix_cache:
                         kv = self.step_kv[b] if reuse else self.prefix_kv[b]
                         out = forward(net, toks, cache=_cache_view(self.model, kv, P + p0, n, keep=False))
                     else:
-                        out = forward(net, torch.cat([tt["before"].expand(n, -1), toks], 1))
+                        out = forward(net, torch.cat([tt["before"].expand(n, -1).to(toks.device), toks], 1))
                     if self.target_only:
-                        lo = self._loss_h(out.last_hidden_state[:, -T:], b)
+                        lo = self._loss_h(out.last_hidden_state[:, -T:], b, W_head)
                     else:
                         lo = self._loss_logits(out.logits[:, -T:], b)
             except Exception as exc:  # out of memory: halve the batch and retry this part
@@ -685,7 +762,7 @@ class _ModelScorer:
                 self.max_batch = max(1, n // 2)
                 todo[:0] = [(s, s + n // 2), (s + n // 2, e)]
                 continue
-            losses[idx.cpu()] = lo.float().cpu()
+            losses[idx.cpu()] = lo.float().cpu()  # the losses, [n]: the one transfer back per batch
             self.rows_fed += int(toks.numel()) + (0 if self.cfg.use_prefix_cache else n * P)
             del out
         return losses
@@ -733,9 +810,16 @@ def model_hash(model) -> str:
     config = getattr(model, "config", None)
     if config is not None:  # a model without a config is hashed by its class and weights alone
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.named_parameters())
+    if multidevice.is_dispatched(model):
+        # accelerate's offload hooks split tied weights (lm_head = embed_tokens) into two meta parameters; the
+        # same model undispatched lists the tied one once, so its duplicate is left out to give the same hash
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        names = {n for n, _ in params}
+        params = [(n, p) for n, p in params if not (n in tied and tied[n] in names)]
     with torch.no_grad():
-        for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
-            flat = p.detach().reshape(-1)
+        for name, p in params[:: max(1, len(params) // 16)]:
+            flat = param_value(model, name, p).detach().reshape(-1)  # offloaded by accelerate: its stored value
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
@@ -783,13 +867,19 @@ def load_state(path: Path, *, fingerprint: str, version: int, what: str) -> tupl
 class GCG:
     """One GCG attack, set up and ready to step: ``GCG(model, tokenizer, messages, targets, config).run()``.
 
-    ``model``: a causal LM, or a list of them that share ``tokenizer`` (ensemble: losses summed).
+    ``model``: a causal LM, or a list of them that share ``tokenizer`` (ensemble: losses summed); on one
+    device, or dispatched over several by accelerate (``device_map=``, offloading included).
     ``messages``: an instruction string or a chat (list of role/content dicts, the suffix at
     ``{optim_str}`` or appended to the last user message), or a list of those (universal: one suffix for
     all, losses summed). ``targets``: one target string per behaviour.
+    ``replicas`` (with ``config.devices`` only): the copies of the model to score on, one per entry of
+    ``config.devices`` and on that device (an ensemble: a list with one copy per model each); the model
+    itself may be one. Each must have the model's weights (checked by :func:`model_hash`). Without it, GCG
+    copies the model onto each device once (a model dispatched over devices cannot be copied: give replicas).
     """
 
-    def __init__(self, model, tokenizer, messages, targets, config: GCGConfig | None = None, *, _load: bool = True):
+    def __init__(self, model, tokenizer, messages, targets, config: GCGConfig | None = None, *, replicas=None,
+                 _load: bool = True):
         self.cfg = (config or GCGConfig())
         if not isinstance(self.cfg, GCGConfig):
             raise InvalidType(f"config must be a GCGConfig, got {type(self.cfg).__name__}")
@@ -810,12 +900,26 @@ class GCG:
             raise AttackError(f"topk={c.topk} is larger than the {n_allowed} tokens a suffix position may take "
                               f"(allow_non_ascii={c.allow_non_ascii}); lower topk")
         self.init_ids = self._init_ids()
+        if replicas is not None and c.devices is None:
+            raise AttackError("replicas= given without config.devices: name the device of each replica in "
+                              "GCGConfig(devices=(...)), in the order of replicas")
+        devices = multidevice.resolve_devices(c.devices) if c.devices is not None else None
         if not _load:
             self.scorers = []
             return
         self.scorers = [_ModelScorer(m, self.prompts, c, self.notes) for m in self.models]
+        if devices is not None:
+            self.scorers = [self._replicated(i, s, devices, replicas) for i, s in enumerate(self.scorers)]
         self.active = 1 if c.progressive else len(self.prompts)
         self.memo: dict[bytes, float] = {}
+
+    def _replicated(self, i: int, main: _ModelScorer, devices: list[torch.device],
+                    given) -> multidevice.ReplicatedScorer:
+        """Model ``i``'s scorer over replicas on ``devices`` (``given``: the user's replicas, or None)."""
+        models, owned = multidevice.replica_models(main.model, devices, given, hash_fn=model_hash, index=i,
+                                                   n_models=len(self.models))
+        scorers = [main if m is main.model else _ModelScorer(m, self.prompts, self.cfg, [], share=main) for m in models]
+        return multidevice.ReplicatedScorer(main, scorers, owned, hash_fn=model_hash)
 
     @classmethod
     def check_inputs(cls, model, tokenizer, messages, targets, config: GCGConfig | None = None) -> None:
@@ -953,7 +1057,7 @@ class GCG:
                     T = t["target"].shape[0]
                     toks = torch.cat([t["before"], ids.to(s.device)[None], t["after"], t["target"][None, :-1]], 1)
                     logits = forward(s.model, toks).logits[0, -T:]
-                    if not bool((logits.argmax(-1) == t["target"]).all()):
+                    if not bool((logits.argmax(-1) == t["target"].to(logits.device)).all()):
                         return False
         return True
 
@@ -995,6 +1099,7 @@ class GCG:
         c = self.cfg.to_dict()
         c.pop("progress", None)
         c.pop("batch_size", None)
+        c.pop("devices", None)  # how the candidates are batched, never which are drawn: resumable across devices
         h = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode())
         for p in self.prompts:
             h.update(json.dumps([p.before_ids, p.after_ids, p.target_ids]).encode())
