@@ -48,6 +48,13 @@ identical templates (elites, repeats) are scored once through a loss memo. HarmB
 the whole population to its longest member *without* an attention mask, so its losses change with the
 batch; the reference path here pads with a mask and full logits, the same losses the slow way.
 
+A model placed by accelerate (``load_model(..., device_map=...)``: blocks on several devices, weights
+offloaded to the CPU or the disk) runs as it is: ids and masks go to the token embedding's execution device
+(with full logits, to the LM head's, so that the logits stay where they are computed), each layer's prefix
+KV stays where that layer computed it, the target loss runs on the LM head's device (an offloaded head read
+once per scoring call through its hook), and the embedding synonyms read an offloaded embedding from the
+hook's weights map (:mod:`pysafegeom.models.placement`, :mod:`.multidevice`).
+
 Determinism: all randomness comes from one ``random.Random(seed)`` (and, for model mutation, seeds drawn
 from it); with ``out=`` every step writes the whole state (population, word scores, RNG state, history,
 loss memo) atomically to ``autodan_state.pt`` and ``resume=True`` reaches the identical result.
@@ -71,8 +78,10 @@ from .. import ops
 from .. import validate as V
 from ..errors import InvalidType
 from ..models.forward import forward
+from ..models.placement import input_device, module_tensor
 from .gcg import (AttackError, _cache_tensors, _cache_view, _is_oom, _out_cache, load_state, model_hash, plain_head,
                   save_state, state_folder)
+from .multidevice import execution_device, module_weight, on_device
 
 STATE_FILE = "autodan_state.pt"
 STATE_VERSION = 1
@@ -421,11 +430,12 @@ class Synonyms:
                 words.append(text[1:])
         if not ids:
             return
-        W = model.get_input_embeddings().weight.detach()
+        # the weight where it is stored: on its device, or (offloaded by accelerate) the hook's host copy
+        W = module_tensor(model, model.get_input_embeddings()).detach()
         rows = min(W.shape[0], max(ids) + 1)
         keep = [i for i, t in enumerate(ids) if t < rows]
         ids, words = [ids[i] for i in keep], [words[i] for i in keep]
-        E = W[torch.tensor(ids, device=W.device)].float().cpu()
+        E = W[torch.tensor(ids, device=W.device)].float().cpu()  # the index is built once, on the CPU
         E = E - E.mean(0, keepdim=True)
         self._emb = (torch.nn.functional.normalize(E, dim=1), words, {w: i for i, w in enumerate(words)})
 
@@ -460,7 +470,10 @@ class _Scorer:
 
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self._encode = encode_after_prefix
-        self.device = next(model.parameters()).device
+        # where the token embedding runs (a model placed by accelerate may have its first parameter on another
+        # device, or offloaded on meta); each layer's prefix KV stays where that layer put it, and the target
+        # loss runs on the LM head's device
+        self.device = input_device(model)
         self.split = split_template(tokenizer, cfg.template, cfg.system)
         self.prefix_ids = list(tokenizer(self.split.prefix, add_special_tokens=False)["input_ids"])
         self.suffix_ids = list(self.split.suffix_ids)
@@ -472,13 +485,18 @@ class _Scorer:
         if joint[-len(self.target_ids):] != self.target_ids or len(joint) != len(self.suffix_ids) + len(self.target_ids):
             raise AttackError(f"the target {target!r} tokenises differently after the template, so its loss would score "
                               "tokens the model never sees; remove leading whitespace from the target")
-        self.target = torch.tensor(self.target_ids, device=self.device)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.target_only = cfg.target_only_logits and plain_head(model)
         if cfg.target_only_logits and not self.target_only:
             notes.append(f"{type(model).__name__}: the LM head is not a plain bias-free linear map, so the "
                          "target-only loss is off (full logits at the target positions)")
         self.net = getattr(model, "base_model", model) if self.target_only else model
+        # ids and masks are fed where the embedding runs; for full logits, where the head runs: a placed model's
+        # top-level hook returns the outputs on the device of its inputs, so the [n, L, V] logits then stay on
+        # the head's device instead of being copied to the embedding's (the embedding's hook moves the ids)
+        head = model.get_output_embeddings()
+        self.feed = self.device if self.target_only or head is None else execution_device(head)
+        self.target = torch.tensor(self.target_ids, device=self.feed)
         cpu = self.device.type == "cpu"
         self.overhead = cfg.batch_overhead_rows or (64 if cpu else 4096)
         self.max_rows = cfg.max_rows or (16384 if cpu else 1 << 30)
@@ -492,19 +510,27 @@ class _Scorer:
     def _prefix_kv(self, n: int) -> list:
         if n not in self._kv:
             with torch.no_grad():
-                out = forward(self.net, torch.tensor([self.prefix_ids[:n]], device=self.device), use_cache=True)
+                out = forward(self.net, torch.tensor([self.prefix_ids[:n]], device=self.feed), use_cache=True)
             self._kv[n] = [(k.detach(), v.detach()) for k, v in _cache_tensors(_out_cache(out))]
         return self._kv[n]
 
-    def _loss(self, out, T: int) -> torch.Tensor:
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head's weight ``[V, d]`` on the head's execution device (loaded there when offloaded)."""
+        return module_weight(self.model.get_output_embeddings()).detach()
+
+    def _loss(self, out, T: int, W: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean target CE ``[B]`` from the forward's output; ``W``: the head's weight (:meth:`_head_weight`),
+        for the target-only loss. It runs where the head's weight (or the logits) is."""
         B = out.last_hidden_state.shape[0] if self.target_only else out.logits.shape[0]
-        tgt = self.target.repeat(B)
         if self.target_only:
-            h = out.last_hidden_state[:, -T:]
-            W = self.model.get_output_embeddings().weight.detach()
-            ce = ops.chunked_cross_entropy(h.reshape(B * T, -1), W, tgt, backend=self.cfg.ce_backend)
+            W = self._head_weight() if W is None else W
+            h = out.last_hidden_state[:, -T:].to(W.device)  # the final norm's device -> the head's (same unless placed)
+            tgt = self.target.to(W.device).repeat(B)
+            with on_device(W.device):
+                ce = ops.chunked_cross_entropy(h.reshape(B * T, -1), W, tgt, backend=self.cfg.ce_backend)
         else:
             lg = out.logits[:, -T:].float()
+            tgt = self.target.to(lg.device).repeat(B)
             ce = torch.nn.functional.cross_entropy(lg.reshape(B * T, -1), tgt, reduction="none")
         return ce.view(B, T).mean(1)
 
@@ -549,6 +575,7 @@ class _Scorer:
         todo = self._partition(lens, T - 1)
         tail = self.target[None, :-1]
         kv = self._prefix_kv(P) if P > 0 else None
+        W = self._head_weight() if self.target_only else None  # offloaded: read once per call, not per batch
         while todo:
             s, e = todo.pop(0)
             idx = order[s:e]
@@ -561,13 +588,13 @@ class _Scorer:
                 m = mids[i]
                 toks[b, L - len(m):] = torch.tensor(m)
                 mask[b, P + L - len(m): P + L] = 1
-            toks = torch.cat([toks.to(self.device), tail.expand(n, -1)], 1)
-            mask = mask.to(self.device)
+            toks = torch.cat([toks.to(self.feed), tail.expand(n, -1)], 1)
+            mask = mask.to(self.feed)
             try:
                 with torch.no_grad():
                     cache = _cache_view(self.model, kv, P, n, keep=False) if kv is not None else None
                     out = forward(self.net, toks, mask, cache=cache)
-                    lo = self._loss(out, T)
+                    lo = self._loss(out, T, W)
             except Exception as exc:  # out of memory: halve this batch and retry it
                 if not _is_oom(exc) or n == 1:
                     raise
@@ -585,6 +612,7 @@ class _Scorer:
 class AutoDAN:
     """One AutoDAN attack: ``AutoDAN(model, tokenizer, behavior, target, config).run(out)``.
 
+    ``model``: a causal LM on one device, or placed over several by accelerate (offloading included);
     ``behavior``: the instruction (the text that fills each template); ``target``: the string the model
     should start its answer with.
     """
