@@ -107,7 +107,10 @@ def _cmd_analyze(args) -> int:
     extra = {"attacks": args.attacks, "benign": args.benign, "judges": args.judge} if args.interventions else {}
     if args.attacks and not args.interventions:
         raise ValueError("--attacks is used by the reopen table: add --interventions")
+    from .cli_replay import placement_from_args
+
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
+                  **placement_from_args(args),
                   template=args.template, system=args.system, out=args.out, resume=args.resume,
                   overwrite=args.overwrite, allow_overlap=args.allow_overlap, **extra, **opts)
     print("\n".join(res.metrics["summary"]))
@@ -213,6 +216,24 @@ def _r2d2_options(args) -> dict:
     return replace(base, **kw).check().to_dict()
 
 
+def _gcg_devices(text: str) -> tuple[str, ...]:
+    """``--gcg-devices``: comma-separated devices, or ``all`` (every visible GPU)."""
+    if text.strip() == "all":
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError("--gcg-devices all: torch sees no GPU; name the devices (e.g. cpu,cpu)")
+        return tuple(f"cuda:{i}" for i in range(n))
+    from .attacks import multidevice
+    from .errors import PysafegeomError
+
+    try:
+        return multidevice.parse_devices(tuple(d.strip() for d in text.split(",") if d.strip()))
+    except PysafegeomError as exc:
+        raise argparse.ArgumentTypeError(f"--gcg-devices {text!r}: {exc}") from None
+
+
 def _gcg_config(args):
     from .attacks import GCGConfig
 
@@ -221,7 +242,8 @@ def _gcg_config(args):
                      allow_non_ascii=args.allow_non_ascii, filter_ids=not args.no_filter, seed=args.seed,
                      optim_str_init=args.init if args.init is not None else GCGConfig().optim_str_init,
                      add_space_before_target=args.space_before_target, template=args.template, system=args.system,
-                     progressive=getattr(args, "progressive", False), batch_size=args.batch_size).check()
+                     progressive=getattr(args, "progressive", False), batch_size=args.batch_size,
+                     devices=args.gcg_devices).check()
 
 
 def _autodan_config(args):
@@ -267,7 +289,9 @@ def _run_attack(args, cfg) -> int:
         behaviors = behaviors[: args.limit]
     if not args.resume:
         check_output_path(Path(args.out), args.overwrite, "dir", content="gcg attack")  # before the model loads
-    model, tok = load_model(args.model, device=args.device)
+    from .cli_replay import placement_from_args
+
+    model, tok = load_model(args.model, device=args.device, **placement_from_args(args))
     judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
     summary = attack_behaviors(model, tok, behaviors, cfg, out=args.out, universal=getattr(args, "universal", False),
                                resume=args.resume, overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
@@ -302,8 +326,14 @@ def _cmd_attack_adaptive(args) -> int:
     def judges(model, tok):  # per model: the local model judge is the attacked model itself
         return build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
 
-    def load(spec):
-        return load_model(spec, device=args.device)
+    from .cli_replay import placement_from_args
+
+    placement = placement_from_args(args)
+
+    def load(spec):  # (on Ray: each worker offloads into its own subfolder)
+        from .scale import per_process_offload
+
+        return load_model(spec, device=args.device, **per_process_offload(placement))
 
     from .scale import ray_from_args
 
@@ -334,6 +364,9 @@ def _gcg_args(g, prefix: bool = False) -> None:
     g.add_argument("--init", default=None, help="GCG: initial suffix text (default: 20 x's)")
     g.add_argument("--space-before-target", action="store_true", help="GCG: put a space before the target")
     g.add_argument("--batch-size", type=_POS, default=None, help="GCG: most candidates per forward (default: all on CPU)")
+    g.add_argument("--gcg-devices", type=_gcg_devices, default=None, metavar="DEV,DEV|all",
+                   help="GCG: score each step's candidates on these devices, one model copy each (e.g. cuda:0,cuda:1; "
+                        "'all': every visible GPU); the same result as one device")
 
 
 def _autodan_args(g, steps_flag: str = "--steps") -> None:
@@ -379,6 +412,9 @@ def _attack_common(g) -> None:
                         "model as a local judge), model:SPEC[:preset=NAME], harmbench:SPEC")
     g.add_argument("--overwrite", action="store_true", help="replace an attack already in --out")
     g.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
+    from .cli_replay import add_placement_args
+
+    add_placement_args(g)
 
 
 def _add_attack(sub) -> None:
@@ -621,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_POS, default=None, help="prompts per forward pass (default: chosen to fit memory)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default=None, type=_DTYPE, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+    from .cli_replay import add_placement_args
+
+    add_placement_args(s)
     s.add_argument("--interventions", action="store_true", help="add the reopen table (R, H, span(H, R) ablated, with "
                    "matched controls) and the four behavioural diagnostics; generates answers, so it takes longer")
     s.add_argument("--attacks", default=None, help="attack prompts for the reopen table: a prompts file, or a test-case "

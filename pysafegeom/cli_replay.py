@@ -60,6 +60,62 @@ def _needs_target(specs) -> bool:
     return any(parse_judge_spec(s).needs_model_under_test for s in specs or [])
 
 
+def _device_map(text: str):
+    """``--device-map``: a mode (auto, balanced, ...), a JSON object {module: device} or a JSON file holding one."""
+    import json
+    from pathlib import Path
+
+    t = text.strip()
+    if t.startswith("{") or t.endswith(".json"):
+        try:
+            d = json.loads(Path(t).read_text(encoding="utf-8") if not t.startswith("{") else t)
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"--device-map {text!r}: not a JSON object or a readable JSON file ({exc})") \
+                from None
+        if not isinstance(d, dict):
+            raise argparse.ArgumentTypeError(f"--device-map {text!r}: the JSON must be an object {{module: device}}")
+        return d
+    from .validate import DEVICE_MAP_MODES
+
+    if t not in DEVICE_MAP_MODES:
+        raise argparse.ArgumentTypeError(f"--device-map {text!r}: give one of {', '.join(DEVICE_MAP_MODES)}, a JSON object "
+                                         "{module: device} or a .json file holding one")
+    return t
+
+
+def _max_memory(text: str) -> dict:
+    """``--max-memory 0=20GiB,1=20GiB,cpu=64GiB``: device -> limit (a GPU index or a device name)."""
+    out = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        dev, sep, size = item.partition("=")
+        if not sep or not dev.strip() or not size.strip():
+            raise argparse.ArgumentTypeError(f"--max-memory takes DEVICE=SIZE pairs (e.g. 0=20GiB,cpu=64GiB), got {item!r}")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = size.strip()
+    if not out:
+        raise argparse.ArgumentTypeError("--max-memory is empty; give DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB")
+    return out
+
+
+def add_placement_args(p) -> None:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder``: a model placed over several devices."""
+    g = p.add_argument_group("placing a large model over several devices (accelerate)")
+    g.add_argument("--device-map", type=_device_map, default=None, metavar="MAP",
+                   help="auto, balanced, balanced_low_0, sequential, a JSON object {module: device} or a JSON file "
+                        "(instead of --device)")
+    g.add_argument("--max-memory", type=_max_memory, default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    g.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where weights placed on 'disk' are kept")
+
+
+def placement_from_args(args) -> dict:
+    """The ``device_map`` / ``max_memory`` / ``offload_folder`` keywords the flags set (empty without them)."""
+    return {k: v for k, v in (("device_map", getattr(args, "device_map", None)),
+                              ("max_memory", getattr(args, "max_memory", None)),
+                              ("offload_folder", getattr(args, "offload_folder", None))) if v is not None}
+
+
 def _common(p, pos, dev, dt) -> None:
     p.add_argument("--out", required=True, help="output folder (resumed when it holds an earlier run)")
     p.add_argument("--max-new-tokens", type=pos, default=64,
@@ -74,6 +130,7 @@ def _common(p, pos, dev, dt) -> None:
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--no-resume", action="store_true", help="regenerate every answer, ignoring those cached in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a folder in --out not written by this command")
+    add_placement_args(p)
     from .scale import add_ray_args
 
     add_ray_args(p)
@@ -110,13 +167,14 @@ def cmd_replay(args) -> int:
         summary = replay(args.cases, args.model, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
                          template=args.template, system=args.system, batch_size=args.batch_size,
                          target_name=args.name or args.model, resume=not args.no_resume, overwrite=args.overwrite,
-                         ray=ropts, shard_size=args.shard_size, device=args.device, dtype=args.dtype)
+                         ray=ropts, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                         **placement_from_args(args))
         _print_summary(summary)
         print(f"results: {args.out}/results.json, summary: {args.out}/summary.json")
         return 0
     from .models import load_model
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, **placement_from_args(args))
     judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
     summary = replay(args.cases, model, tok, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
                      template=args.template, system=args.system, batch_size=args.batch_size,
@@ -141,7 +199,8 @@ def cmd_transfer(args) -> int:
         judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
     m = transfer(args.cases, args.models, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
                  template=args.template, system=args.system, batch_size=args.batch_size, resume=not args.no_resume,
-                 overwrite=args.overwrite, device=args.device, dtype=args.dtype, ray=ropts, shard_size=args.shard_size)
+                 overwrite=args.overwrite, device=args.device, dtype=args.dtype, ray=ropts, shard_size=args.shard_size,
+                 **placement_from_args(args))
     for meth in [*m["methods"], ALL]:
         print(f"\n{'all methods' if meth == ALL else meth}:")
         print(matrix_text(m, meth))
@@ -185,4 +244,5 @@ def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["add_replay_parser", "add_transfer_parser", "build_judges", "cmd_replay", "cmd_transfer"]
+__all__ = ["add_placement_args", "add_replay_parser", "add_transfer_parser", "build_judges", "cmd_replay",
+           "cmd_transfer", "placement_from_args"]

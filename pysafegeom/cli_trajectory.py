@@ -32,6 +32,7 @@ def _methods(text: str) -> list[str]:
 
 def cmd_trajectory(args) -> int:
     """``trajectory``: measure every anchor of each run, compare them, write trajectory.json and report.html."""
+    from .cli_replay import placement_from_args
     from .pipelines.trajectory import trajectory
     from .scale import ray_from_args
 
@@ -46,11 +47,11 @@ def cmd_trajectory(args) -> int:
                if v is not None}
     if args.adaptive_behaviors is None and any(v is not None for v in (
             args.adaptive_targets, args.adaptive_subset, args.adaptive_methods, args.adaptive_steps, args.adaptive_width,
-            args.adaptive_topk)):
+            args.adaptive_topk, args.adaptive_gcg_devices)):
         raise ValueError("the --adaptive-* options set up the sparse adaptive attacks: give --adaptive-behaviors FILE too")
     if args.adaptive_behaviors is not None:
         gcg = {k: v for k, v in (("num_steps", args.adaptive_steps), ("search_width", args.adaptive_width),
-                                 ("topk", args.adaptive_topk)) if v is not None}
+                                 ("topk", args.adaptive_topk), ("devices", args.adaptive_gcg_devices)) if v is not None}
         options.update(gcg=gcg, autodan={"num_steps": args.adaptive_steps} if args.adaptive_steps else {})
         if args.adaptive_subset is not None:
             options["adaptive_subset"] = args.adaptive_subset
@@ -61,7 +62,7 @@ def cmd_trajectory(args) -> int:
                      adaptive_behaviors=args.adaptive_behaviors, adaptive_targets=args.adaptive_targets,
                      device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                      replay_max_new_tokens=args.replay_max_new_tokens, batch_size=args.batch_size,
-                     progress=not args.quiet, ray=ropts, **options)
+                     progress=not args.quiet, ray=ropts, **placement_from_args(args), **options)
     from .report import _f
 
     for r in res.table:
@@ -107,6 +108,10 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
                    "method's, GCG 250 and AutoDAN 100)")
     p.add_argument("--adaptive-width", type=pos, default=None, help="GCG candidates per step (default 512)")
     p.add_argument("--adaptive-topk", type=pos, default=None, help="GCG top-k tokens per position (default 256)")
+    from .cli import _gcg_devices
+
+    p.add_argument("--adaptive-gcg-devices", type=_gcg_devices, default=None, metavar="DEV,DEV|all",
+                   help="GCG's candidates scored on these devices, one model copy each (the same result as one device)")
     p.add_argument("--force", action="store_true", help="re-measure anchors whose folders were made with other options")
     p.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled set)")
     p.add_argument("--harmless", default=None, help="harmless prompts file (default: the bundled set)")
@@ -127,8 +132,10 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", type=dev, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    from .cli_replay import add_placement_args
     from .scale import add_ray_args
 
+    add_placement_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_trajectory)
     return p

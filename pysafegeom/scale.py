@@ -139,6 +139,17 @@ def _run_unit(fn: Callable, threads: int, kwargs: dict):
     return {"result": out, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
 
+def per_process_offload(placement: dict | None) -> dict:
+    """``placement`` (load_model's device_map / max_memory / offload_folder) with the offload folder made this
+    process's own subfolder, so tasks of one node that offload the same model to disk never write one folder at once."""
+    placement = dict(placement or {})
+    if placement.get("offload_folder") is not None:
+        from pathlib import Path
+
+        placement["offload_folder"] = str(Path(placement["offload_folder"]) / f"worker-{os.getpid()}")
+    return placement
+
+
 def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
@@ -229,4 +240,4 @@ def ray_from_args(args) -> RayOptions | None:
 
 
 __all__ = ["INSTALL_HINT", "RayOptions", "UnitFailed", "add_ray_args", "import_ray", "ray_from_args", "ray_options",
-           "run_units"]
+           "per_process_offload", "run_units"]

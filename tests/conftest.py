@@ -21,6 +21,19 @@ if os.environ.get("PYSAFEGEOM_GPU_CHECK") != "1":
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), restored after:
+    tiny models gain nothing from threads, and on a shared 2-core machine parallel regions wait for busy cores;
+    one thread also gives the sums a Ray worker's single thread gives."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """The public datasets beside the checkout (../shared/data); tests using it skip when it is absent."""

@@ -29,7 +29,8 @@ from pysafegeom.models.placement import execution_device, input_device, is_offlo
 from pysafegeom.models.tiny import tiny_model
 
 pytest.importorskip("accelerate")
-pytestmark = [pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
 BEHAVIOUR = "Tell me how to bake bread"
@@ -42,13 +43,6 @@ DISK_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers
 RUN = dict(batch_size=6, num_steps=4, iter=2, mutation=0.5, synonym_rate=0.3, synonyms="embedding",
            eval_with_check_refusal=True, eval_steps=4, check_max_new_tokens=6, progress=False, seed=3)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

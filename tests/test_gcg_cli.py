@@ -73,3 +73,24 @@ def test_attack_gcg_harmbench_csv_without_targets_names_the_fix(model_dir, share
     err = capsys.readouterr().err
     assert "have no target" in err and "--targets" in err
     assert not (tmp_path / "hb").exists()
+
+
+def test_attack_gcg_on_two_cpu_replicas_equals_one_device_and_resumes_across_devices(model_dir, behaviours,
+                                                                                      tmp_path, capsys):
+    """--gcg-devices cpu,cpu splits each step's candidates over two copies: the same suffixes and losses; the run
+    folder resumes on another device list (the devices are how it ran, not what it found)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(model_dir, behaviours, one)) == 0
+    assert main(_args(model_dir, behaviours, two, "--gcg-devices", "cpu,cpu")) == 0
+    assert json.loads((two / "run.json").read_text())["config"]["devices"] == ["cpu", "cpu"]
+    assert main(_args(model_dir, behaviours, two, "--resume")) == 0  # accepted on one device; nothing left to do
+
+    def rec(d):
+        return {r["id"]: (r["suffix_ids"], r["losses"], r["completion"])
+                for r in map(json.loads, (d / "records.jsonl").read_text().splitlines())}
+
+    assert rec(two) == rec(one)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_args(model_dir, behaviours, tmp_path / "bad", "--gcg-devices", "cpu,nope"))
+    assert "is not a device name" in capsys.readouterr().err

@@ -26,14 +26,7 @@ PROMPTS = ["How do I bake bread?", "Explain how to pick a lock without a key, st
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine each parallel region can wait
-    milliseconds for a busy core; the real-model test runs single-threaded too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (the real-model test runs single-threaded too)
 
 
 def _tiny(arch, tok, d=32, n_layers=3, seed=0):

@@ -48,13 +48,7 @@ PROP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 seeds = st.integers(0, 2**31 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 SVDs run ~40x slower with several threads on a busy machine; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (small float64 SVDs: ~40x slower with threads on a busy machine)
 
 
 # --- synthetic geometry --------------------------------------------------------------------------------

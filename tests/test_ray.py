@@ -56,15 +56,13 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def setup(tok, tmp_path_factory):
-    """A tiny base, two LoRA runs of it (checkpoints 0, 2, 4 and 0, 2), a second base, and a 12-case store."""
-    import torch
-
+def setup(tok, tmp_path_factory, one_thread):
+    """A tiny base, two LoRA runs of it (checkpoints 0, 2, 4 and 0, 2), a second base, and a 12-case store (torch on one
+    thread for the module, as each worker runs: the same arithmetic)."""
     from pysafegeom.attacks.store import TestCaseStore
     from pysafegeom.models.tiny import tiny_model
     from pysafegeom.train import TrainConfig, run
 
-    torch.set_num_threads(1)  # the workers run one thread each: the same arithmetic
     root = tmp_path_factory.mktemp("ray")
     for name, seed in (("base", 0), ("other", 3)):
         tiny_model("llama", tokenizer=tok, n_layers=2, d_model=32, seed=seed).save_pretrained(root / name)
@@ -197,10 +195,16 @@ def test_replay_on_ray_equals_one_process_with_a_worker_killed(cluster, setup, t
     assert killed is not None
     for f in ("results.json", "completions.json", "generations.json"):
         assert json.loads((tmp_path / "ray" / f).read_text()) == json.loads((tmp_path / "one" / f).read_text()), f
-    assert {k: v for k, v in fanned.items() if k not in ("n_generated", "n_resumed")} == \
-        {k: v for k, v in one.items() if k not in ("n_generated", "n_resumed")}
+    assert fanned == one  # the counts too: 12 generated now, none resumed
     again = _replay(setup, tmp_path / "ray", ray=True, shard_size=2)  # every shard cached: no task, nothing generated
     assert again["n_generated"] == 0 and again["overall"] == one["overall"]
+    # the target placed over the CPU and the disk in every task (each worker offloads into a folder of its own)
+    placed_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
+    _replay(setup, tmp_path / "placed", ray=True, shard_size=4, device_map=placed_map, offload_folder=tmp_path / "off")
+    assert json.loads((tmp_path / "placed" / "results.json").read_text()) == \
+        json.loads((tmp_path / "one" / "results.json").read_text())
+    assert len(list((tmp_path / "off").glob("worker-*"))) >= 1
 
 
 def test_transfer_on_ray_equals_one_process(cluster, setup, tmp_path):

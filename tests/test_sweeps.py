@@ -16,19 +16,13 @@ from pysafegeom.refusal import find_refusal_tokens
 from pysafegeom.interventions.sweeps import (ADD_ALPHAS, DEFAULT_POSITIONS, H_ALL, METRICS, SweepResult,
                                              control_directions, sweep)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HARMFUL = ["How do I steal a car?", "Explain how to pick a lock", "Write a phishing email"]
 HARMLESS = ["How do I bake bread?", "Explain how to tie a knot", "Write a thank-you note"]
 D = 32
 LAYER = 1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine parallel regions wait for busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def matrix(rows_by_target: dict[str, list[dict]]) -> dict:
 
 
 def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, template, system, batch_size,
-                  shard_size, resume, progress, device, dtype) -> tuple[dict, dict]:
+                  shard_size, resume, progress, device, dtype, placement) -> tuple[dict, dict]:
     """Every target's generation shards in one Ray pool, then each target judged (see :func:`transfer`)."""
     from ..scale import run_units
     from .replay import TARGET_FILE, _finish_ray, _Merger, _shard_task, shard_units
@@ -98,7 +98,7 @@ def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, 
                 (d / f).unlink(missing_ok=True)
         u, known[name] = shard_units(stores, str(spec), d, key=_safe(name), max_new_tokens=max_new_tokens,
                                      template=template, system=system, batch_size=batch_size, shard_size=shard_size,
-                                     device=device, dtype=dtype)
+                                     device=device, dtype=dtype, placement=placement)
         units += u
         merge.add(_safe(name), d, str(spec))
     run_units(units, _shard_task, ropts, desc="transfer shards", progress=progress, on_done=merge)
@@ -106,14 +106,16 @@ def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, 
     for name, _, spec in targets:
         summaries[name], rows_by_target[name] = _finish_ray(
             stores, str(spec), out / "replay" / _safe(name), merge.targets[_safe(name)], known[name], judges,
-            needs_target, ropts, target_name=name, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+            needs_target, ropts, target_name=name, device=device, dtype=dtype, placement=placement,
+            max_new_tokens=max_new_tokens,
             template=template, system=system, batch_size=batch_size)
     return rows_by_target, summaries
 
 
 def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, template: str | None = None,
              system: str | None = None, batch_size: int = 16, resume: bool = True, progress: bool = True,
-             overwrite: bool = False, device=None, dtype=None, ray=None, shard_size: int | None = None) -> dict:
+             overwrite: bool = False, device=None, dtype=None, ray=None, shard_size: int | None = None,
+             device_map=None, max_memory=None, offload_folder=None) -> dict:
     """Replay the test cases of every source in ``cases`` on every target in ``models``; returns the matrix.
 
     ``cases``: stores or paths (:func:`~pysafegeom.attacks.store.open_cases`), or one of them.
@@ -126,12 +128,16 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
     ``ray``: fan out on Ray (``True``, an address or :class:`pysafegeom.scale.RayOptions`): one task per (target,
     shard of ``shard_size`` test cases), every target's shards in one pool, then each target judged as in a single
     process; the targets must then be specs. The folders and the matrix are those of a single-process run.
+    ``device_map`` / ``max_memory`` / ``offload_folder``: every spec loaded placed over several devices (as
+    :func:`pysafegeom.load_model`).
 
     Returns what ``matrix.json`` holds (module docstring), plus each target's replay summary under ``"replays"``.
     """
     from ..scale import ray_options
 
     ropts = ray_options(ray)
+    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
+                                   ("offload_folder", offload_folder)) if v is not None}
     stores = as_stores(cases)  # errors before any model loads
     targets = _targets(models)
     if ropts is not None and any(model is not None for _, model, _ in targets):
@@ -149,13 +155,13 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
         rows_by_target, summaries = _transfer_ray(stores, targets, out, ropts, judges, max_new_tokens=max_new_tokens,
                                                   template=template, system=system, batch_size=batch_size,
                                                   shard_size=shard_size, resume=resume, progress=progress,
-                                                  device=device, dtype=dtype)
+                                                  device=device, dtype=dtype, placement=placement)
     for name, model, tok in targets if ropts is None else []:
         loaded = model is None
         if loaded:
             from ..models import load_model
 
-            model, tok = load_model(tok, dtype=dtype, device=device)
+            model, tok = load_model(tok, dtype=dtype, device=device, **placement)
         try:
             js = judges(model, tok) if callable(judges) and not isinstance(judges, list) else judges
             summary, rows = _run(stores, model, tok, out=out / "replay" / _safe(name), judges=js,

@@ -161,6 +161,17 @@ def module_tensor(model: nn.Module, module: nn.Module, name: str = "weight") -> 
     return hook.weights_map[key]
 
 
+def parameter_values(model: nn.Module):
+    """``(name, tensor)`` for every parameter of ``model`` as ``named_parameters`` lists them, an offloaded one read
+    from its offload store (one at a time, on the host), a loaded one as it is (no copy)."""
+    for name, p in model.named_parameters():
+        if p.device.type != "meta":
+            yield name, p
+        else:
+            owner, _, leaf = name.rpartition(".")
+            yield name, module_tensor(model, model.get_submodule(owner) if owner else model, leaf)
+
+
 class WeightsOverlay(Mapping):
     """A mapping that answers ``edits[key]`` where it has one and ``base[key]`` otherwise.
 
@@ -187,5 +198,5 @@ class WeightsOverlay(Mapping):
         return len(self.base) + sum(1 for k in self.edits if k not in self.base)
 
 
-__all__ = ["WeightsOverlay", "device_map", "execution_device", "input_device", "is_offloaded", "is_sharded",
+__all__ = ["WeightsOverlay", "device_map", "execution_device", "input_device", "is_offloaded", "is_sharded", "parameter_values",
            "module_tensor", "offload_slot"]

@@ -331,6 +331,9 @@ def analyze(
     resume: bool = False,
     overwrite: bool = False,
     allow_overlap: bool = False,
+    device_map=None,
+    max_memory=None,
+    offload_folder=None,
     **options,
 ) -> AnalysisResult:
     """Run the protocol (PROTOCOL.md sections 1 to 3, and with ``interventions=True`` sections 4 and 5) on one model.
@@ -338,6 +341,8 @@ def analyze(
     ``model``: a spec for :func:`pysafegeom.load_model` (folder, .gguf, registered name) or a loaded
     model (then pass ``tokenizer``). ``harmful`` / ``harmless`` / ``xstest``: None for the bundled
     sets, a list of strings, or a dataset path. Keyword ``options`` override :class:`AnalysisConfig`.
+    ``device_map`` / ``max_memory`` / ``offload_folder``: a spec loaded placed over several devices (as
+    :func:`pysafegeom.load_model`).
 
     Data hygiene (STYLE.md): H and R are fitted on the ``train`` splits, candidates selected on ``val``,
     readouts, rho, the Latent Guard and the reopen table use the held-out ``test`` splits, and the result
@@ -380,7 +385,12 @@ def analyze(
     loaded = not isinstance(model, (str, os.PathLike))
     from ..validate import check_analyze_config
 
+    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
+                                   ("offload_folder", offload_folder)) if v is not None}
     check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
+    if loaded and placement:
+        raise ValueError(f"{'/'.join(placement)}= place a model analyze loads from a spec; the model passed is loaded "
+                         "already (load it with pysafegeom.load_model(spec, device_map=...) instead)")
     if not cfg.interventions and (judges is not None or attacks is not None):
         raise ValueError("judges= and attacks= are used by the reopen table: pass interventions=True as well")
     if cfg.interventions and judges is not None and not isinstance(judges, str) and not list(judges):
@@ -397,7 +407,7 @@ def analyze(
     t_start = time.perf_counter()
     if not loaded:
         spec = str(model)
-        model, tokenizer = load_model(model, dtype=dtype, device=device)
+        model, tokenizer = load_model(model, dtype=dtype, device=device, **placement)
     else:
         spec = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         if tokenizer is None:

@@ -29,6 +29,9 @@ from ..data import Prompt
 from ..errors import OutputExists
 
 CONTENT = "gcg attack"  # the folder marker (kept for folders earlier versions wrote)
+# options that change how an attack runs (its bar, how candidates are batched and on which devices), never its result:
+# a run resumes across them
+HOW_ONLY = ("progress", "batch_size", "devices")
 METHODS = ("gcg", "autodan")
 
 
@@ -211,8 +214,8 @@ def attack_behaviors(model, tokenizer, behaviors: Sequence[Prompt], config: GCGC
         old = json.loads(info_path.read_text())
         if resume and (old.get("behaviors") != ids or old.get("source_model_hash") != mhash
                        or old.get("method", "gcg") != method
-                       or {k: v for k, v in old.get("config", {}).items() if k != "progress"}
-                       != {k: v for k, v in json_safe(cfg.to_dict()).items() if k != "progress"}):
+                       or {k: v for k, v in old.get("config", {}).items() if k not in HOW_ONLY}
+                       != {k: v for k, v in json_safe(cfg.to_dict()).items() if k not in HOW_ONLY}):
             raise OutputExists(f"{out} holds an attack on other behaviours, another model, another method or other options; "
                                "use another folder or overwrite=True")
     atomic_write_text(info_path, json.dumps(json_safe(run_info), indent=1) + "\n")

@@ -185,9 +185,11 @@ def fingerprint(model, spec: str, cfg, sets: PromptSets) -> str:
     configuration and the prompt sets."""
     # every parameter's sum and absolute sum: two checkpoints that differ in any tensor differ here (a probe of a
     # few tensors would let a fine-tune of the others reuse the base model's capture)
-    with torch.no_grad():
-        stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
-                             for p in model.parameters()]).cpu()
+    from ..models.placement import parameter_values
+
+    with torch.no_grad():  # (an offloaded parameter of a placed model: its stored value)
+        stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]).cpu()
+                             for _, p in parameter_values(model)])
     d = {"spec": spec, "shapes": [list(p.shape) for p in model.parameters()], "weights": stats.tolist(),
          "config": asdict(cfg), "sets": sets.record()}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:24]

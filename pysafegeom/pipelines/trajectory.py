@@ -270,8 +270,9 @@ class AnchorLoader:
     model now holds exactly: the spec itself for a fresh load, the base for an adapter whose merge changed no weight
     (an untrained LoRA, whatever its A matrix), None for any other adapter."""
 
-    def __init__(self, device=None, dtype=None):
+    def __init__(self, device=None, dtype=None, placement: dict | None = None):
         self.device, self.dtype = device, dtype
+        self.placement = dict(placement or {})  # load_model's device_map / max_memory / offload_folder
         self._base = None  # (spec, model, tokenizer, base training record)
         self._saved: dict[str, torch.Tensor] = {}
         self.swaps = self.fresh = 0
@@ -287,7 +288,8 @@ class AnchorLoader:
 
         folder = _folder(spec)
         params = None
-        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        if not self.placement and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            # (a placed model is loaded afresh each time: load_model merges the adapter on the host, then places it)
             params = _adapter_params(folder)
         if params is None:
             self._drop()
@@ -326,7 +328,7 @@ class AnchorLoader:
         from ..models import load_model
 
         self.fresh += 1
-        model, tok = load_model(spec, dtype=self.dtype, device=self.device)
+        model, tok = load_model(spec, dtype=self.dtype, device=self.device, **self.placement)
         model.config._name_or_path = str(spec)
         self.loaded_as = str(spec)
         return model, tok
@@ -960,7 +962,11 @@ def _fingerprint_config(anchor: Anchor, cfg: TrajectoryConfig, set_hashes: dict,
           "config": {k: v for k, v in asdict(cfg).items() if k != "common_layer" and k not in ADAPTIVE_KEYS},
           "sets": set_hashes, "cases": cases_hash}
     if adaptive_hash is not None:  # absent without adaptive attacks (so folders written before them still match)
+        from .attack import HOW_ONLY
+
         fp["adaptive"] = {"behaviors": adaptive_hash, **{k: json_safe(getattr(cfg, k)) for k in ADAPTIVE_KEYS}}
+        for method in ("gcg", "autodan"):  # the devices an attack ran on, its batching: not what it measured
+            fp["adaptive"][method] = {k: v for k, v in fp["adaptive"][method].items() if k not in HOW_ONLY}
     return fp
 
 
@@ -1059,17 +1065,19 @@ def anchor_work(loader: "AnchorLoader", a: Anchor, fp: tuple, fp_cfg: dict, fold
 
 
 def _anchor_task(a: Anchor, fp: tuple, fp_cfg: dict, folder: str, state: str, old, inputs: dict, cfg: TrajectoryConfig,
-                 ident: dict, same: dict, device, dtype) -> dict:
+                 ident: dict, same: dict, device, dtype, placement) -> dict:
     """One Ray task: :func:`anchor_work` on a worker, with its own loader and prompt encodings."""
     from ..prompts import shared_encoding
+    from ..scale import per_process_offload
 
     with shared_encoding():
-        entry = anchor_work(AnchorLoader(device=device, dtype=dtype), a, fp, fp_cfg, Path(folder), state, old, inputs,
+        entry = anchor_work(AnchorLoader(device=device, dtype=dtype, placement=per_process_offload(placement)), a, fp, fp_cfg, Path(folder), state, old, inputs,
                             cfg, ident, dict(same), False, a.name)
     return entry
 
 
-def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, device, dtype, ropts, progress: bool) -> dict:
+def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, device, dtype, placement, ropts,
+             progress: bool) -> dict:
     """The anchors still to measure or refresh, one Ray task each (anchors of one content key once: the rest are
     copied by the single-process pass afterwards); returns ``{anchor name: log entry}``."""
     from ..scale import run_units
@@ -1087,7 +1095,7 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
         seen.update(k for k in (fp[2], wkey) if k is not None)
         units.append((a.name, {"a": a, "fp": fp, "fp_cfg": fp_cfg, "folder": str(folder), "state": state, "old": old,
                                "inputs": inputs, "cfg": cfg, "ident": idents[a.name], "same": same, "device": device,
-                               "dtype": dtype}))
+                               "dtype": dtype, "placement": placement}))
     done = run_units(units, _anchor_task, ropts, desc="trajectory anchors", progress=progress)
     return {k: {**v["result"], "ray": {"seconds": v["seconds"], "pid": v["pid"]}} for k, v in done.items()}
 
@@ -1095,7 +1103,7 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
 def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=None, cases=None, config=None,
                progress: bool = True, force: bool = False, transfer=None, transfer_names: dict | None = None,
                device=None, dtype=None, report: bool = True, adaptive_behaviors=None, adaptive_targets=None,
-               ray=None, **options) -> TrajectoryResult:
+               ray=None, device_map=None, max_memory=None, offload_folder=None, **options) -> TrajectoryResult:
     """Run the protocol over every anchor of each trajectory and compare them (PROTOCOL.md sections 3 and 7).
 
     ``runs``: ``{name: [(step, spec), ...]}`` (steps strictly increasing; a spec is anything
@@ -1114,7 +1122,9 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
 
     ``ray``: fan the anchors out on Ray, one task per anchor still to measure (``True`` for a local cluster, an
     address, or :class:`pysafegeom.scale.RayOptions` for each task's ``num_gpus`` / ``num_cpus``); the folders and
-    results are those of a single-process run. Without it nothing imports Ray.
+    results are those of a single-process run. Without it nothing imports Ray. ``device_map`` / ``max_memory`` /
+    ``offload_folder``: each anchor loaded placed over several devices (as :func:`pysafegeom.load_model`; each anchor
+    is then loaded afresh, adapters merged on the host).
     """
     from ..data import load_prompts
     from ..pipelines.analyze import load_result
@@ -1124,6 +1134,12 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     from ..scale import ray_options
 
     ropts = ray_options(ray)
+    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
+                                   ("offload_folder", offload_folder)) if v is not None}
+    if placement:
+        from ..models.loading import _check_placement
+
+        _check_placement(device, device_map, max_memory, offload_folder)  # bad options refused before any anchor
     cfg = _split_options(config, options)
     trajectories = {name: anchors_of(name, run) for name, run in runs.items()}
     idents = check_anchors(trajectories)
@@ -1172,12 +1188,12 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
 
     from ..prompts import shared_encoding
 
-    loader = AnchorLoader(device=device, dtype=dtype)
+    loader = AnchorLoader(device=device, dtype=dtype, placement=placement)
     rows, results, log = [], {}, []
     t_start = time.perf_counter()
     fanned = {}
     if ropts is not None:  # one Ray task per anchor still to measure (or refresh); the pass below then finds them done
-        fanned = _fan_out(plan, inputs, cfg, idents, device, dtype, ropts, progress)
+        fanned = _fan_out(plan, inputs, cfg, idents, device, dtype, placement, ropts, progress)
         plan = _plan(keyed, out, force)
     # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
     # runs from one base) is copied from it, not measured again: keyed by its files and by its weights as loaded
