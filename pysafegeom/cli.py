@@ -339,7 +339,7 @@ def _cmd_attack_adaptive(args) -> int:
 
     res = adaptive(models, behaviors, out=args.out, subset=args.subset, methods=methods, gcg=gcg, autodan=ad,
                    judges=judges, max_new_tokens=args.max_new_tokens, seed=args.seed, resume=not args.overwrite,
-                   overwrite=args.overwrite, load=load, ray=ray_from_args(args), chunk=args.chunk)
+                   overwrite=args.overwrite, load=load, ray=ray_from_args(args))
     from .pipelines.attack import _safe_id
 
     for name, per in res.items():
@@ -473,7 +473,6 @@ def _add_attack(sub) -> None:
     from .scale import add_ray_args
 
     add_ray_args(d)
-    d.add_argument("--chunk", type=_POS, default=4, help="with --ray: behaviours per task (default 4)")
     d.set_defaults(func=_cmd_attack_adaptive)
 
     add_replay_parser(asub)

@@ -42,7 +42,8 @@ class RayOptions:
     ``"HOST:PORT"`` / ``"ray://HOST:PORT"`` for an existing one. ``num_cpus`` / ``num_gpus``: the resources each task
     asks for (a task runs torch with ``num_cpus`` threads); ``workers``: the CPUs of a local cluster started here
     (default: every CPU). ``max_retries``: how often a task whose worker process died is run again.
-    ``runtime_env``: passed to ``ray.init`` (e.g. ``{"working_dir": ...}`` for a remote cluster).
+    ``runtime_env``: passed to ``ray.init`` (e.g. ``{"working_dir": ...}`` for a remote cluster). ``chunk``: the
+    behaviours of one attack task (adaptive attacks; a model load per task, so 5-10 for a 7B model).
     """
 
     address: str | None = None
@@ -50,6 +51,7 @@ class RayOptions:
     num_gpus: float = 0.0
     workers: int | None = None
     max_retries: int = 3
+    chunk: int = 4
     runtime_env: dict | None = field(default=None, compare=False)
 
     def check(self) -> "RayOptions":
@@ -66,6 +68,8 @@ class RayOptions:
             raise InvalidArgument(f"ray workers must be an integer >= 1, got {self.workers!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise InvalidArgument(f"ray max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise InvalidArgument(f"ray chunk (behaviours per attack task) must be an integer >= 1, got {self.chunk!r}")
         return self
 
 
@@ -225,15 +229,18 @@ def add_ray_args(p) -> None:
     g.add_argument("--ray-cpus", type=nonneg, default=None, metavar="N", help="CPUs per Ray task (default 1)")
     g.add_argument("--ray-workers", type=pos_int, default=None, metavar="N",
                    help="CPUs of a local cluster started here (default: every CPU)")
+    g.add_argument("--ray-chunk", type=pos_int, default=None, metavar="N",
+                   help="behaviours per adaptive-attack task (default 4; a model load per task)")
 
 
 def ray_from_args(args) -> RayOptions | None:
     """The :class:`RayOptions` of ``--ray`` and its resource flags (None without ``--ray``)."""
     extra = {k: v for k, v in (("num_gpus", getattr(args, "ray_gpus", None)), ("num_cpus", getattr(args, "ray_cpus", None)),
-                               ("workers", getattr(args, "ray_workers", None))) if v is not None}
+                               ("workers", getattr(args, "ray_workers", None)),
+                               ("chunk", getattr(args, "ray_chunk", None))) if v is not None}
     if getattr(args, "ray", None) is None:
         if extra:
-            raise InvalidArgument("--ray-gpus / --ray-cpus / --ray-workers set up Ray tasks: give --ray too")
+            raise InvalidArgument("--ray-gpus / --ray-cpus / --ray-workers / --ray-chunk set up Ray tasks: give --ray too")
         return None
     opts = ray_options(args.ray)
     return replace(opts, **extra).check()

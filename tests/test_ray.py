@@ -127,10 +127,10 @@ def _kill_one_worker_during(fn, delay: float = 1.0, timeout: float = 120.0):
     return box["result"], killed
 
 
-def _trajectory(s, out, **kw):
+def _trajectory(s, out, runs=None, **kw):
     from pysafegeom.pipelines.trajectory import trajectory
 
-    runs = {"sft": str(s / "sft"), "sft2": str(s / "sft2")}
+    runs = runs or {"sft": str(s / "sft"), "sft2": str(s / "sft2")}
     return trajectory(runs, out=out, harmful=HARMFUL, harmless=HARMLESS, xstest=XS, benign=BENIGN, cases=s / "cases",
                       progress=False, report=False, **{**OPTS, **kw})
 
@@ -183,6 +183,25 @@ def test_a_killed_driver_loses_only_the_units_in_flight(cluster, setup, one_proc
     assert _strip(res.table) == _strip(one_process.table) and res.findings == one_process.findings
 
 
+def test_trajectory_adaptive_attacks_fan_out_per_anchor_and_behaviour_chunk(cluster, setup, tmp_path):
+    """With adaptive attacks, one task per (anchor, method, chunk) attacks, then the anchor tasks judge: the rows equal
+    one process's."""
+    behaviours = [Prompt(HARMFUL[i], f"b{i}", meta={"target": "Sure, here is"}) for i in (2, 3, 4)]
+    runs = {"sft": [(k, str(setup / "sft" / f"checkpoint-{k}")) for k in (0, 4)]}
+    kw = dict(runs=runs, adaptive_behaviors=behaviours, adaptive_subset=3, gcg={"num_steps": 2, "search_width": 8,
+                                                                                  "topk": 8})
+    one = _trajectory(setup, tmp_path / "one", **kw)
+    fanned = _trajectory(setup, tmp_path / "ray", ray={"chunk": 2}, **kw)
+    assert fanned.meta["ray"]["units"] == 2 and fanned.meta["ray"]["attack_units"] == 4  # 2 anchors x ceil(3 / 2)
+    assert [r["adaptive"]["gcg"]["n"] for r in fanned.table] == [3, 3]
+    assert _strip(fanned.table) == _strip(one.table)
+    for a in ("sft-0", "sft-4"):
+        recs = [sorted(json.loads(line)["suffix_ids"] for line in
+                       (tmp_path / d / "anchors" / a / "adaptive" / "gcg" / "records.jsonl").open()) for d in ("one", "ray")]
+        assert recs[0] == recs[1]
+    assert not (tmp_path / "ray" / ".work" / "sft-4").exists()  # the attack states removed once the anchor is written
+
+
 def _replay(s, out, **kw):
     from pysafegeom.attacks.replay import replay
 
@@ -230,7 +249,7 @@ def test_adaptive_attacks_on_ray_equal_one_process(cluster, setup, tmp_path):
     kw = dict(subset=3, methods=["gcg"], gcg=GCGConfig(num_steps=3, search_width=8, topk=8, seed=1),
               max_new_tokens=4, progress=False)
     one = adaptive(models, behaviours, out=tmp_path / "one", **kw)
-    fanned = adaptive(models, behaviours, out=tmp_path / "ray", ray=True, chunk=2, **kw)
+    fanned = adaptive(models, behaviours, out=tmp_path / "ray", ray={"chunk": 2}, **kw)
     assert _strip(fanned) == _strip(one)
     for m in ("other", "checkpoint-4"):
         a, b = (sorted(TestCaseStore(tmp_path / d / m).records(), key=lambda r: r["id"]) for d in ("one", "ray"))
@@ -249,7 +268,7 @@ def test_run_units_reports_the_failing_unit_and_checks_options(cluster):
     assert ray_options("auto").address == "auto" and ray_options(True).address is None
     assert ray_options({"num_gpus": 1}).num_gpus == 1 and ray_options(None) is None
     for bad, msg in (({"num_gpus": -1}, "num_gpus"), ({"gpus": 1}, "unknown ray option"), (3, "ray must be"),
-                     ({"num_cpus": 0}, "some resource"), ({"max_retries": -1}, "max_retries")):
+                     ({"num_cpus": 0}, "some resource"), ({"max_retries": -1}, "max_retries"), ({"chunk": 0}, "chunk")):
         with pytest.raises((InvalidArgument, TypeError), match=msg):
             ray_options(bad)
 
@@ -295,8 +314,8 @@ def test_cli_ray_flags(setup, tmp_path, capsys):
                  ["transfer", "--cases", "c", "--models", "m", "--out", "o"],
                  ["attack", "adaptive", "--models", "m", "--behaviors", "b", "--out", "o"]):
         assert ray_from_args(p.parse_args(argv)) is None
-        opts = ray_from_args(p.parse_args([*argv, "--ray", "--ray-gpus", "1", "--ray-cpus", "2"]))
-        assert opts == RayOptions(address=None, num_gpus=1.0, num_cpus=2.0)
+        opts = ray_from_args(p.parse_args([*argv, "--ray", "--ray-gpus", "1", "--ray-cpus", "2", "--ray-chunk", "5"]))
+        assert opts == RayOptions(address=None, num_gpus=1.0, num_cpus=2.0, chunk=5)
         assert ray_from_args(p.parse_args([*argv, "--ray", "10.0.0.1:6379"])).address == "10.0.0.1:6379"
         with pytest.raises(InvalidArgument, match="give --ray too"):
             ray_from_args(p.parse_args([*argv, "--ray-gpus", "1"]))

@@ -363,6 +363,21 @@ def _attack_chunk(spec: str, method: str, chunk: list[Prompt], run_dir: str, cfg
     return [b.id for b in chunk]
 
 
+def attack_units(key: str, spec: str, method: str, behaviors: list[Prompt], run_dir: Path, cfg, chunk: int,
+                 load=None) -> list[tuple[str, dict]]:
+    """The Ray units of the attacks of ``behaviors`` against one model into the :func:`attack_behaviors` folder
+    ``run_dir`` (marked, created): one per ``chunk`` behaviours not yet in its store, for :func:`_attack_chunk`."""
+    run_dir = check_output_path(run_dir, False, "dir", content=CONTENT)  # the run folder the tasks write states into
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(run_dir) is None:
+        mark_dir(run_dir, CONTENT)
+    done = {r["id"] for r in TestCaseStore(run_dir).records()} if (run_dir / "records.jsonl").is_file() else set()
+    todo = [b for b in behaviors if b.id not in done]
+    return [(f"{key}/{method}/{todo[i].id}", {"spec": spec, "method": method, "chunk": todo[i:i + chunk],
+                                              "run_dir": str(run_dir), "cfg": cfg, "load": load})
+            for i in range(0, len(todo), chunk)]
+
+
 def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], methods: list[str], out: Path, ropts, *,
                   chunk: int, gcg, autodan, judges, max_new_tokens: int, resume: bool, overwrite: bool, progress: bool,
                   load) -> dict:
@@ -382,17 +397,7 @@ def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], met
             d = out / folder / m
             if overwrite and not resume and d.exists():
                 shutil.rmtree(d)  # what attack_behaviors(overwrite=True) would clear, cleared once before the tasks
-            d = check_output_path(d, False, "dir", content=CONTENT)  # the run folder the tasks write states into
-            d.mkdir(parents=True, exist_ok=True)
-            if read_marker(d) is None:
-                mark_dir(d, CONTENT)
-            done = {r["id"] for r in TestCaseStore(d).records()} if (d / "records.jsonl").is_file() else set()
-            todo = [b for b in pick if b.id not in done]
-            for i in range(0, len(todo), chunk):
-                part = todo[i:i + chunk]
-                units.append((f"{folder}/{m}/{part[0].id}", {"spec": spec, "method": m, "chunk": part,
-                                                             "run_dir": str(d), "cfg": _method_config(m, gcg, autodan),
-                                                             "load": load}))
+            units += attack_units(folder, spec, m, pick, d, _method_config(m, gcg, autodan), chunk, load)
     run_units(units, _attack_chunk, ropts, desc="adaptive attacks", progress=progress)
     judged = [(name, {"spec": spec, "name": name, "folder": folder, "pick": pick, "methods": methods, "out": out,
                       "gcg": gcg, "autodan": autodan, "judges": judges, "max_new_tokens": max_new_tokens,
@@ -405,7 +410,7 @@ def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], met
 def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, subset: int = 20,
              methods: Sequence[str] = METHODS, gcg: GCGConfig | None = None, autodan: AutoDANConfig | None = None,
              judges=None, max_new_tokens: int = 64, seed: int = 0, resume: bool = True, overwrite: bool = False,
-             progress: bool = True, load=None, ray=None, chunk: int = 4) -> dict:
+             progress: bool = True, load=None, ray=None, chunk: int | None = None) -> dict:
     """Sparse adaptive attacks: each method optimised against each model on the same ``subset`` behaviours.
 
     ``models``: load_model specs (loaded one at a time) or ``(name, model, tokenizer)`` triples. The subset
@@ -417,7 +422,8 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     judges that use each attacked model (the local model judge). Returns ``{model: {method: summary}}``.
 
     ``ray``: fan out on Ray (``True``, an address or :class:`pysafegeom.scale.RayOptions`): one task per (model,
-    method, ``chunk`` behaviours) runs the attacks into the same state folders, then one task per model writes what a
+    method, ``chunk`` behaviours; default the options' ``chunk``, 4) runs the attacks into the same state folders, then
+    one task per model writes what a
     single process writes; the models must then be specs. ``load``, when given with ``ray``, must be importable by
     the workers (a module-level function).
     """
@@ -454,7 +460,7 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     kw = dict(gcg=gcg, autodan=autodan, judges=judges, max_new_tokens=max_new_tokens, resume=resume,
               overwrite=overwrite, progress=progress, load=load)
     if ropts is not None:
-        results = _adaptive_ray(models, names, safe, pick, methods, out, ropts, chunk=chunk, **kw)
+        results = _adaptive_ray(models, names, safe, pick, methods, out, ropts, chunk=chunk or ropts.chunk, **kw)
     else:
         results = {name: _adaptive_model(spec, name, folder, pick, methods, out, **kw)
                    for spec, name, folder in zip(models, names, safe)}

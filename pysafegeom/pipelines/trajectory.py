@@ -1076,11 +1076,22 @@ def _anchor_task(a: Anchor, fp: tuple, fp_cfg: dict, folder: str, state: str, ol
     return entry
 
 
+def _load_anchor(device, dtype, placement, spec: str):
+    """An anchor loaded as :class:`AnchorLoader` loads it, in a Ray task (the adaptive attacks' units)."""
+    from ..scale import per_process_offload
+
+    return AnchorLoader(device=device, dtype=dtype, placement=per_process_offload(placement)).load(spec)
+
+
 def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, device, dtype, placement, ropts,
-             progress: bool) -> dict:
-    """The anchors still to measure or refresh, one Ray task each (anchors of one content key once: the rest are
-    copied by the single-process pass afterwards); returns ``{anchor name: log entry}``."""
+             progress: bool) -> tuple[dict, int]:
+    """The anchors still to measure or refresh on Ray: first their sparse adaptive attacks, one task per (anchor,
+    method, chunk of behaviours), into the state folders the anchor's own attacks resume from
+    (``out/.work/<anchor>/<method>/states/``); then one task per anchor (anchors of one content key once: the rest
+    are copied by the single-process pass afterwards), whose attacks then only judge. Returns ``{anchor name: log
+    entry}`` and the number of attack units."""
     from ..scale import run_units
+    from .attack import attack_units
 
     same: dict = {}
     for a, fp, _, folder, state, old in plan:
@@ -1096,8 +1107,21 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
         units.append((a.name, {"a": a, "fp": fp, "fp_cfg": fp_cfg, "folder": str(folder), "state": state, "old": old,
                                "inputs": inputs, "cfg": cfg, "ident": idents[a.name], "same": same, "device": device,
                                "dtype": dtype, "placement": placement}))
+    attacks = []
+    if inputs.get("adaptive"):
+        load = functools.partial(_load_anchor, device, dtype, placement)
+        for _, kw in units:
+            was = (kw["old"] or {}).get("fingerprint_config", {})
+            if kw["state"] == "todo" or was.get("adaptive") != kw["fp_cfg"].get("adaptive"):
+                a = kw["a"]
+                for method, acfg in adaptive_configs(cfg).items():
+                    attacks += attack_units(a.name, a.spec, method, inputs["adaptive"], inputs["work"] / a.name / method,
+                                            acfg, ropts.chunk, load)
+    from .attack import _attack_chunk
+
+    run_units(attacks, _attack_chunk, ropts, desc="trajectory adaptive attacks", progress=progress)
     done = run_units(units, _anchor_task, ropts, desc="trajectory anchors", progress=progress)
-    return {k: {**v["result"], "ray": {"seconds": v["seconds"], "pid": v["pid"]}} for k, v in done.items()}
+    return {k: {**v["result"], "ray": {"seconds": v["seconds"], "pid": v["pid"]}} for k, v in done.items()}, len(attacks)
 
 
 def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=None, cases=None, config=None,
@@ -1191,9 +1215,9 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     loader = AnchorLoader(device=device, dtype=dtype, placement=placement)
     rows, results, log = [], {}, []
     t_start = time.perf_counter()
-    fanned = {}
+    fanned, n_attacks = {}, 0
     if ropts is not None:  # one Ray task per anchor still to measure (or refresh); the pass below then finds them done
-        fanned = _fan_out(plan, inputs, cfg, idents, device, dtype, placement, ropts, progress)
+        fanned, n_attacks = _fan_out(plan, inputs, cfg, idents, device, dtype, placement, ropts, progress)
         plan = _plan(keyed, out, force)
     # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
     # runs from one base) is copied from it, not measured again: keyed by its files and by its weights as loaded
@@ -1234,6 +1258,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
             "loading": {"adapter_swaps": loader.swaps, "fresh_loads": loader.fresh},
             "encoding": {"encoded": encodings["misses"], "reused": encodings["hits"]}, "log": log,
             "ray": None if ropts is None else {"address": ropts.address, "units": len(fanned),
+                                                "attack_units": n_attacks,
                                                 "num_cpus": ropts.num_cpus, "num_gpus": ropts.num_gpus},
             "seconds": time.perf_counter() - t_start}
     res = TrajectoryResult(rows, corr, tr, findings(rows, corr), meta, out)
