@@ -101,8 +101,9 @@ def import_ray():
     return ray
 
 
-class _Session:
-    """Joins (or starts) a cluster for one fan-out and leaves it afterwards if it was started here."""
+class session:
+    """``with session(opts):`` joins (or starts) a cluster and leaves it afterwards if it was started here; the
+    :func:`run_units` calls inside share it (a local cluster starts once for several pools of units)."""
 
     def __init__(self, opts: RayOptions):
         self.opts = opts
@@ -158,27 +159,34 @@ def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
+def progress_bar(total: int, desc: str, progress: bool = True):
+    """One bar for several :func:`run_units` pools of one command (pass it as their ``bar``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{desc} on ray", unit="unit", disable=not progress)
+
+
 def run_units(units: Iterable[tuple[str, dict]], fn: Callable, opts: RayOptions, *, desc: str = "units",
-              progress: bool = True, on_done: Callable[[str, Any], None] | None = None) -> dict[str, dict]:
+              progress: bool = True, on_done: Callable[[str, Any], None] | None = None, bar=None) -> dict[str, dict]:
     """Run ``fn(**kwargs)`` for every ``(key, kwargs)`` unit as one Ray task; returns ``{key: {"result", "seconds",
     "pid"}}``. ``fn`` must be importable by the workers (a module-level function). ``on_done(key, result)`` runs in
     the driver as each unit finishes (to persist it at once). The first unit that raises cancels the units not yet
-    finished and is re-raised as :class:`UnitFailed` (its exception as the cause)."""
+    finished and is re-raised as :class:`UnitFailed` (its exception as the cause). ``bar``: a
+    :func:`progress_bar` shared with other pools (left open), else one of this pool's own."""
     units = list(units)
     keys = [k for k, _ in units]
     if len(set(keys)) != len(keys):
         raise InvalidArgument("two units of work have the same key")
     if not units:
         return {}
-    with _Session(opts) as ray:
+    with session(opts) as ray:
         remote = ray.remote(_run_unit).options(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
                                                max_retries=opts.max_retries, retry_exceptions=False,
                                                name=f"pysafegeom:{desc}")
         threads = max(1, int(opts.num_cpus))
         refs = {remote.remote(fn, threads, kw): key for key, kw in units}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units), desc=f"{desc} on ray", unit="unit", disable=not progress)
+        own = bar is None
+        bar = progress_bar(len(units), desc, progress) if own else bar
         done: dict[str, dict] = {}
         pending = list(refs)
         try:
@@ -199,7 +207,8 @@ def run_units(units: Iterable[tuple[str, dict]], fn: Callable, opts: RayOptions,
         finally:
             for ref in pending:
                 ray.cancel(ref)
-            bar.close()
+            if own:
+                bar.close()
     return done
 
 
@@ -247,4 +256,5 @@ def ray_from_args(args) -> RayOptions | None:
 
 
 __all__ = ["INSTALL_HINT", "RayOptions", "UnitFailed", "add_ray_args", "import_ray", "ray_from_args", "ray_options",
-           "per_process_offload", "run_units"]
+           "per_process_offload", "progress_bar",
+           "run_units", "session"]

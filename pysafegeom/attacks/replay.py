@@ -370,7 +370,7 @@ def replay_ray(cases, spec: str, *, out, ropts, judges=None, max_new_tokens: int
     """:func:`replay` of the target ``spec`` fanned out on Ray: the unique test cases in shards of whole batches, one
     task each, merged into the folder's generation cache as they finish; then judged as one process judges (in the
     driver; in one task where ``judges`` is a callable ``(model, tokenizer) -> judges`` that needs the target)."""
-    from ..scale import run_units
+    from ..scale import progress_bar, run_units, session
 
     stores = as_stores(cases)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
@@ -391,14 +391,15 @@ def replay_ray(cases, spec: str, *, out, ropts, judges=None, max_new_tokens: int
                                placement=placement)
     merge = _Merger()
     merge.add("target", out, str(spec))
-    run_units(units, _shard_task, ropts, desc="replay shards", progress=progress, on_done=merge)
-    return _finish_ray(stores, str(spec), out, merge.targets["target"], known, judges, needs_target, ropts,
-                       max_new_tokens=max_new_tokens, template=template, system=system, batch_size=batch_size,
-                       target_name=target_name, device=device, dtype=dtype, placement=placement)
+    with session(ropts), progress_bar(len(units) + needs_target, "replay: shards", progress) as bar:
+        run_units(units, _shard_task, ropts, desc="replay shards", on_done=merge, bar=bar)
+        return _finish_ray(stores, str(spec), out, merge.targets["target"], known, judges, needs_target, ropts,
+                           max_new_tokens=max_new_tokens, template=template, system=system, batch_size=batch_size,
+                           target_name=target_name, device=device, dtype=dtype, placement=placement, bar=bar)
 
 
 def _finish_ray(stores, spec: str, out: Path, t: dict, known, judges, needs_target: bool, ropts, *, target_name,
-                device, dtype, placement=None, **kw) -> tuple[dict, list[dict]]:
+                device, dtype, placement=None, bar=None, **kw) -> tuple[dict, list[dict]]:
     """Judge one target's complete cache: in the driver, or in one task for judges that need the target."""
     if needs_target:
         from ..scale import run_units
@@ -406,7 +407,7 @@ def _finish_ray(stores, spec: str, out: Path, t: dict, known, judges, needs_targ
         done = run_units([("judge", {"stores": stores, "spec": spec, "out": str(out), "judges": judges,
                                      "device": device, "dtype": dtype, "placement": placement,
                                      "target_name": target_name, "progress": False, "generated": t["generated"],
-                                     **kw})], _judge_task, ropts, desc="replay judging", progress=False)
+                                     **kw})], _judge_task, ropts, desc="replay judging", progress=False, bar=bar)
         return done["judge"]["result"]
     thash = t["hash"] or (known or {}).get("hash")
     name = target_name or t["name"] or (known or {}).get("name")

@@ -84,7 +84,7 @@ def matrix(rows_by_target: dict[str, list[dict]]) -> dict:
 def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, template, system, batch_size,
                   shard_size, resume, progress, device, dtype, placement) -> tuple[dict, dict]:
     """Every target's generation shards in one Ray pool, then each target judged (see :func:`transfer`)."""
-    from ..scale import run_units
+    from ..scale import progress_bar, run_units, session
     from .replay import TARGET_FILE, _finish_ray, _Merger, _shard_task, shard_units
 
     needs_target = callable(judges) and not isinstance(judges, (list, tuple))
@@ -101,14 +101,15 @@ def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, 
                                      device=device, dtype=dtype, placement=placement)
         units += u
         merge.add(_safe(name), d, str(spec))
-    run_units(units, _shard_task, ropts, desc="transfer shards", progress=progress, on_done=merge)
     rows_by_target, summaries = {}, {}
-    for name, _, spec in targets:
-        summaries[name], rows_by_target[name] = _finish_ray(
-            stores, str(spec), out / "replay" / _safe(name), merge.targets[_safe(name)], known[name], judges,
-            needs_target, ropts, target_name=name, device=device, dtype=dtype, placement=placement,
-            max_new_tokens=max_new_tokens,
-            template=template, system=system, batch_size=batch_size)
+    total = len(units) + (len(targets) if needs_target else 0)
+    with session(ropts), progress_bar(total, "transfer: shards", progress) as bar:
+        run_units(units, _shard_task, ropts, desc="transfer shards", on_done=merge, bar=bar)
+        for name, _, spec in targets:
+            summaries[name], rows_by_target[name] = _finish_ray(
+                stores, str(spec), out / "replay" / _safe(name), merge.targets[_safe(name)], known[name], judges,
+                needs_target, ropts, target_name=name, device=device, dtype=dtype, placement=placement,
+                max_new_tokens=max_new_tokens, template=template, system=system, batch_size=batch_size, bar=bar)
     return rows_by_target, summaries
 
 

@@ -385,7 +385,7 @@ def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], met
     folders, then one task per model judges them (its store, summaries and answers, as in a single process)."""
     import shutil
 
-    from ..scale import run_units
+    from ..scale import progress_bar, run_units, session
 
     if not all(isinstance(m, str) for m in models):
         raise AttackError("with ray=, give the models as load_model specs (each task loads its own copy), "
@@ -398,12 +398,23 @@ def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], met
             if overwrite and not resume and d.exists():
                 shutil.rmtree(d)  # what attack_behaviors(overwrite=True) would clear, cleared once before the tasks
             units += attack_units(folder, spec, m, pick, d, _method_config(m, gcg, autodan), chunk, load)
-    run_units(units, _attack_chunk, ropts, desc="adaptive attacks", progress=progress)
+    with session(ropts), progress_bar(len(units) + len(models), "adaptive: attacks, judging", progress) as bar:
+        run_units(units, _attack_chunk, ropts, desc="adaptive attacks", bar=bar)
+        done = _adaptive_judge(models, names, safe, pick, methods, out, ropts, bar, gcg=gcg, autodan=autodan,
+                               judges=judges, max_new_tokens=max_new_tokens, load=load)
+    return done
+
+
+def _adaptive_judge(models, names, safe, pick, methods, out, ropts, bar, *, gcg, autodan, judges, max_new_tokens,
+                    load) -> dict:
+    """The second pool of :func:`_adaptive_ray`: one task per model writes its records from the finished states."""
+    from ..scale import run_units
+
     judged = [(name, {"spec": spec, "name": name, "folder": folder, "pick": pick, "methods": methods, "out": out,
                       "gcg": gcg, "autodan": autodan, "judges": judges, "max_new_tokens": max_new_tokens,
                       "resume": True, "overwrite": False, "progress": False, "load": load})
               for spec, name, folder in zip(models, names, safe)]
-    done = run_units(judged, _adaptive_model, ropts, desc="adaptive judging", progress=progress)
+    done = run_units(judged, _adaptive_model, ropts, desc="adaptive judging", bar=bar)
     return {name: done[name]["result"] for name in names}
 
 

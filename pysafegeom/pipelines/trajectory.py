@@ -1090,8 +1090,8 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
     (``out/.work/<anchor>/<method>/states/``); then one task per anchor (anchors of one content key once: the rest
     are copied by the single-process pass afterwards), whose attacks then only judge. Returns ``{anchor name: log
     entry}`` and the number of attack units."""
-    from ..scale import run_units
-    from .attack import attack_units
+    from ..scale import progress_bar, run_units, session
+    from .attack import _attack_chunk, attack_units
 
     same: dict = {}
     for a, fp, _, folder, state, old in plan:
@@ -1117,10 +1117,11 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
                 for method, acfg in adaptive_configs(cfg).items():
                     attacks += attack_units(a.name, a.spec, method, inputs["adaptive"], inputs["work"] / a.name / method,
                                             acfg, ropts.chunk, load)
-    from .attack import _attack_chunk
-
-    run_units(attacks, _attack_chunk, ropts, desc="trajectory adaptive attacks", progress=progress)
-    done = run_units(units, _anchor_task, ropts, desc="trajectory anchors", progress=progress)
+    if not attacks and not units:
+        return {}, 0
+    with session(ropts), progress_bar(len(attacks) + len(units), "trajectory: attacks, anchors", progress) as bar:
+        run_units(attacks, _attack_chunk, ropts, desc="trajectory adaptive attacks", bar=bar)
+        done = run_units(units, _anchor_task, ropts, desc="trajectory anchors", bar=bar)
     return {k: {**v["result"], "ray": {"seconds": v["seconds"], "pid": v["pid"]}} for k, v in done.items()}, len(attacks)
 
 
