@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from .cli_args import _DEVICE, _DTYPE, _LR, _NONNEG_FLOAT, _POS, _POS_FLOAT, _STEPS, _arg
+
 
 def _cmd_info(args) -> int:
     from . import info
@@ -107,7 +109,7 @@ def _cmd_analyze(args) -> int:
     extra = {"attacks": args.attacks, "benign": args.benign, "judges": args.judge} if args.interventions else {}
     if args.attacks and not args.interventions:
         raise ValueError("--attacks is used by the reopen table: add --interventions")
-    from .cli_replay import placement_from_args
+    from .cli_args import placement_from_args
 
     res = analyze(args.model, args.harmful, args.harmless, args.xstest, device=args.device, dtype=args.dtype,
                   **placement_from_args(args),
@@ -216,24 +218,6 @@ def _r2d2_options(args) -> dict:
     return replace(base, **kw).check().to_dict()
 
 
-def _gcg_devices(text: str) -> tuple[str, ...]:
-    """``--gcg-devices``: comma-separated devices, or ``all`` (every visible GPU)."""
-    if text.strip() == "all":
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise argparse.ArgumentTypeError("--gcg-devices all: torch sees no GPU; name the devices (e.g. cpu,cpu)")
-        return tuple(f"cuda:{i}" for i in range(n))
-    from .attacks import multidevice
-    from .errors import PysafegeomError
-
-    try:
-        return multidevice.parse_devices(tuple(d.strip() for d in text.split(",") if d.strip()))
-    except PysafegeomError as exc:
-        raise argparse.ArgumentTypeError(f"--gcg-devices {text!r}: {exc}") from None
-
-
 def _gcg_config(args):
     from .attacks import GCGConfig
 
@@ -289,7 +273,7 @@ def _run_attack(args, cfg) -> int:
         behaviors = behaviors[: args.limit]
     if not args.resume:
         check_output_path(Path(args.out), args.overwrite, "dir", content="gcg attack")  # before the model loads
-    from .cli_replay import placement_from_args
+    from .cli_args import placement_from_args
 
     model, tok = load_model(args.model, device=args.device, **placement_from_args(args))
     judges = build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
@@ -326,7 +310,7 @@ def _cmd_attack_adaptive(args) -> int:
     def judges(model, tok):  # per model: the local model judge is the attacked model itself
         return build_judges(args.judge, model=model, tokenizer=tok, device=args.device)
 
-    from .cli_replay import placement_from_args
+    from .cli_args import placement_from_args
 
     placement = placement_from_args(args)
 
@@ -364,7 +348,9 @@ def _gcg_args(g, prefix: bool = False) -> None:
     g.add_argument("--init", default=None, help="GCG: initial suffix text (default: 20 x's)")
     g.add_argument("--space-before-target", action="store_true", help="GCG: put a space before the target")
     g.add_argument("--batch-size", type=_POS, default=None, help="GCG: most candidates per forward (default: all on CPU)")
-    g.add_argument("--gcg-devices", type=_gcg_devices, default=None, metavar="DEV,DEV|all",
+    from .cli_args import gcg_devices
+
+    g.add_argument("--gcg-devices", type=gcg_devices, default=None, metavar="DEV,DEV|all",
                    help="GCG: score each step's candidates on these devices, one model copy each (e.g. cuda:0,cuda:1; "
                         "'all': every visible GPU); the same result as one device")
 
@@ -412,7 +398,7 @@ def _attack_common(g) -> None:
                         "model as a local judge), model:SPEC[:preset=NAME], harmbench:SPEC")
     g.add_argument("--overwrite", action="store_true", help="replace an attack already in --out")
     g.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
-    from .cli_replay import add_placement_args
+    from .cli_args import add_placement_args
 
     add_placement_args(g)
 
@@ -491,49 +477,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _arg(check, parse=int, **kw):
-    """An argparse ``type=``: parse the text, then run a :mod:`pysafegeom.validate` check on it; a bad value
-    becomes argparse's own one-line error naming the option. Returns the checked value."""
-    from . import validate as V
-    from .errors import PysafegeomError
-
-    def convert(text):
-        try:
-            v = parse(text)
-        except ValueError:
-            what = "an integer" if parse is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        try:
-            return getattr(V, check)("value", v, **kw)
-        except PysafegeomError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("value ")) from None
-
-    convert.__name__ = check
-    return convert
-
-
-def _text_arg(check, **kw):
-    """An argparse ``type=`` for a text option (``--device``, ``--dtype``, ``--save-at``): checked, passed on as text."""
-    from . import validate as V
-    from .errors import PysafegeomError
-
-    def convert(text):
-        try:
-            out = getattr(V, check)("value", text, **kw)
-        except PysafegeomError as exc:
-            raise argparse.ArgumentTypeError(str(exc).replace("value=", "").removeprefix("value: ")) from None
-        return ",".join(map(str, out)) if isinstance(out, tuple) else text
-
-    convert.__name__ = check
-    return convert
-
-
-_POS = _arg("positive_int")
-_NONNEG_FLOAT = _arg("finite_float", float, lo=0.0)
-_LR = _arg("finite_float", float, lo=0.0, hi=1.0, lo_open=True)
-_POS_FLOAT = _arg("finite_float", float, lo=0.0, lo_open=True)
-_STEPS = _text_arg("int_list_option", lo=0)
-_DEVICE, _DTYPE = _text_arg("device"), _text_arg("dtype")
 
 
 def _cmd_check_sets(args) -> int:
@@ -656,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_POS, default=None, help="prompts per forward pass (default: chosen to fit memory)")
     s.add_argument("--device", default=None, type=_DEVICE, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default=None, type=_DTYPE, help="float32, bfloat16 or float16 (default: float32 on CPU)")
-    from .cli_replay import add_placement_args
+    from .cli_args import add_placement_args
 
     add_placement_args(s)
     s.add_argument("--interventions", action="store_true", help="add the reopen table (R, H, span(H, R) ablated, with "

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import _DEVICE, _DTYPE, _POS, add_placement_args, placement_from_args
 
 
 def _types():
-    """The checked argparse types of :mod:`pysafegeom.cli` (imported late: cli imports this module)."""
-    from . import cli
-
-    return cli._POS, cli._DEVICE, cli._DTYPE
+    """The checked argparse types the commands share (:mod:`pysafegeom.cli_args`)."""
+    return _POS, _DEVICE, _DTYPE
 
 
 def _list(text: str) -> list[str]:
@@ -58,62 +57,6 @@ def _needs_target(specs) -> bool:
     from .behaviour.judge_spec import parse_judge_spec
 
     return any(parse_judge_spec(s).needs_model_under_test for s in specs or [])
-
-
-def _device_map(text: str):
-    """``--device-map``: a mode (auto, balanced, ...), a JSON object {module: device} or a JSON file holding one."""
-    import json
-    from pathlib import Path
-
-    t = text.strip()
-    if t.startswith("{") or t.endswith(".json"):
-        try:
-            d = json.loads(Path(t).read_text(encoding="utf-8") if not t.startswith("{") else t)
-        except (OSError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(f"--device-map {text!r}: not a JSON object or a readable JSON file ({exc})") \
-                from None
-        if not isinstance(d, dict):
-            raise argparse.ArgumentTypeError(f"--device-map {text!r}: the JSON must be an object {{module: device}}")
-        return d
-    from .validate import DEVICE_MAP_MODES
-
-    if t not in DEVICE_MAP_MODES:
-        raise argparse.ArgumentTypeError(f"--device-map {text!r}: give one of {', '.join(DEVICE_MAP_MODES)}, a JSON object "
-                                         "{module: device} or a .json file holding one")
-    return t
-
-
-def _max_memory(text: str) -> dict:
-    """``--max-memory 0=20GiB,1=20GiB,cpu=64GiB``: device -> limit (a GPU index or a device name)."""
-    out = {}
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        dev, sep, size = item.partition("=")
-        if not sep or not dev.strip() or not size.strip():
-            raise argparse.ArgumentTypeError(f"--max-memory takes DEVICE=SIZE pairs (e.g. 0=20GiB,cpu=64GiB), got {item!r}")
-        dev = dev.strip()
-        out[int(dev) if dev.isdigit() else dev] = size.strip()
-    if not out:
-        raise argparse.ArgumentTypeError("--max-memory is empty; give DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB")
-    return out
-
-
-def add_placement_args(p) -> None:
-    """``--device-map``, ``--max-memory`` and ``--offload-folder``: a model placed over several devices."""
-    g = p.add_argument_group("placing a large model over several devices (accelerate)")
-    g.add_argument("--device-map", type=_device_map, default=None, metavar="MAP",
-                   help="auto, balanced, balanced_low_0, sequential, a JSON object {module: device} or a JSON file "
-                        "(instead of --device)")
-    g.add_argument("--max-memory", type=_max_memory, default=None, metavar="DEV=SIZE,...",
-                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-    g.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="with --device-map: where weights placed on 'disk' are kept")
-
-
-def placement_from_args(args) -> dict:
-    """The ``device_map`` / ``max_memory`` / ``offload_folder`` keywords the flags set (empty without them)."""
-    return {k: v for k, v in (("device_map", getattr(args, "device_map", None)),
-                              ("max_memory", getattr(args, "max_memory", None)),
-                              ("offload_folder", getattr(args, "offload_folder", None))) if v is not None}
 
 
 def _common(p, pos, dev, dt) -> None:
@@ -244,5 +187,4 @@ def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["add_placement_args", "add_replay_parser", "add_transfer_parser", "build_judges", "cmd_replay",
-           "cmd_transfer", "placement_from_args"]
+__all__ = ["add_replay_parser", "add_transfer_parser", "build_judges", "cmd_replay", "cmd_transfer"]

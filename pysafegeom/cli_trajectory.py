@@ -32,7 +32,7 @@ def _methods(text: str) -> list[str]:
 
 def cmd_trajectory(args) -> int:
     """``trajectory``: measure every anchor of each run, compare them, write trajectory.json and report.html."""
-    from .cli_replay import placement_from_args
+    from .cli_args import placement_from_args
     from .pipelines.trajectory import trajectory
     from .scale import ray_from_args
 
@@ -108,9 +108,9 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
                    "method's, GCG 250 and AutoDAN 100)")
     p.add_argument("--adaptive-width", type=pos, default=None, help="GCG candidates per step (default 512)")
     p.add_argument("--adaptive-topk", type=pos, default=None, help="GCG top-k tokens per position (default 256)")
-    from .cli import _gcg_devices
+    from .cli_args import gcg_devices
 
-    p.add_argument("--adaptive-gcg-devices", type=_gcg_devices, default=None, metavar="DEV,DEV|all",
+    p.add_argument("--adaptive-gcg-devices", type=gcg_devices, default=None, metavar="DEV,DEV|all",
                    help="GCG's candidates scored on these devices, one model copy each (the same result as one device)")
     p.add_argument("--force", action="store_true", help="re-measure anchors whose folders were made with other options")
     p.add_argument("--harmful", default=None, help="harmful prompts file (default: the bundled set)")
@@ -132,7 +132,7 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", type=dev, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    from .cli_replay import add_placement_args
+    from .cli_args import add_placement_args
     from .scale import add_ray_args
 
     add_placement_args(p)

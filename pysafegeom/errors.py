@@ -36,5 +36,9 @@ class DataOverlap(PysafegeomError, ValueError):
     """Prompt sets overlap where they must be disjoint (fit vs evaluation, or a model's own training prompts)."""
 
 
-__all__ = ["DataOverlap", "InputFileError", "InvalidArgument", "InvalidType", "MissingFile", "OutputExists",
+class AttackError(InvalidArgument):
+    """Bad input to an attack, or an attack that cannot go on (every candidate filtered out); a ``ValueError``."""
+
+
+__all__ = ["AttackError", "DataOverlap", "InputFileError", "InvalidArgument", "InvalidType", "MissingFile", "OutputExists",
            "OutputNotWritable", "PysafegeomError"]

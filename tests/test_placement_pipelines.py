@@ -94,7 +94,7 @@ def test_trajectory_and_replay_of_placed_anchors_equal_the_whole_models(setup, t
 
 def test_cli_placement_flags(setup, tmp_path, capsys):
     from pysafegeom.cli import build_parser, main
-    from pysafegeom.cli_replay import placement_from_args
+    from pysafegeom.cli_args import placement_from_args
 
     p = build_parser()
     (tmp_path / "map.json").write_text(json.dumps(DISK_MAP))

@@ -65,7 +65,7 @@ import torch
 from .. import ops
 from .. import validate as V
 from .._io import atomic_write_bytes, json_safe
-from ..errors import InvalidArgument, InvalidType, OutputExists
+from ..errors import AttackError, InvalidType, OutputExists  # noqa: F401 (AttackError: re-exported)
 from ..models.forward import forward
 from ..prompts import SENTINEL, resolve_template, special_token_strings
 from . import multidevice
@@ -74,10 +74,6 @@ from .multidevice import execution_device, module_weight, param_value
 DEFAULT_OPTIM_STR = "x x x x x x x x x x x x x x x x x x x x"
 STATE_FILE = "gcg_state.pt"
 STATE_VERSION = 1
-
-
-class AttackError(InvalidArgument):
-    """Bad input to an attack, or an attack that cannot go on (every candidate filtered out); a ``ValueError``."""
 
 
 # --- configuration and result ---------------------------------------------------------------------

@@ -35,13 +35,10 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InvalidType
+from ..errors import AttackError, InvalidType
 
 
 def _error(msg: str):
-    """An :class:`~pysafegeom.attacks.gcg.AttackError` (imported late: gcg imports this module)."""
-    from .gcg import AttackError
-
     return AttackError(msg)
 
 # --- where a module of a dispatched model runs --------------------------------------------------------

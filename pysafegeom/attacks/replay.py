@@ -306,7 +306,7 @@ def shard_units(stores, spec: str, out: Path, *, key: str, max_new_tokens: int, 
                 placement: dict | None = None) -> tuple[list[tuple[str, dict]], dict | None]:
     """The generation shards of one target still to do, as ``(unit key, task kwargs)``, and the target record
     (``{"weights", "hash", "name"}``) a former run left when its weight files are unchanged (None otherwise)."""
-    from ..models.provenance import weights_hash
+    from ..models.loading import weights_hash
 
     records = [r for s in stores for r in s.records()]
     texts = list(dict.fromkeys(r["test_case"] for r in records))
@@ -347,7 +347,7 @@ class _Merger:
         self.targets[key] = {"out": out, "spec": spec, "hash": None, "name": None, "generated": 0}
 
     def __call__(self, unit: str, res: dict) -> None:
-        from ..models.provenance import weights_hash
+        from ..models.loading import weights_hash
 
         t = self.targets[unit.rpartition("#")[0]]
         cache_file = t["out"] / "generations.json"

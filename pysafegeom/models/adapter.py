@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .placement import _EMBED, _get, execution_device
+
 
 class UnsupportedArchitecture(TypeError):
     """The model lacks a part the adapter needs."""
@@ -31,17 +33,8 @@ class ResidualWriter:
     residual_dim: int
 
 
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 # candidate attribute paths per part, first match wins
 _LAYERS = ("model.layers", "model.model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
-_EMBED = ("model.embed_tokens", "model.model.embed_tokens", "transformer.wte", "gpt_neox.embed_in")
 _POS_EMBED = ("transformer.wpe",)
 _NORM = ("model.norm", "model.model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
 _HEAD = ("lm_head", "embed_out")
@@ -123,13 +116,11 @@ class ModelAdapter:
         w = self.embed.weight
         if w.device.type != "meta" and getattr(self.embed, "_hf_hook", None) is None:
             return w.device
-        from .placement import execution_device
 
         return execution_device(self.model, self.embed)
 
     def device_of(self, module: nn.Module) -> torch.device:
         """Where ``module`` (a layer, the final norm, the head) computes (:func:`~pysafegeom.models.placement.execution_device`)."""
-        from .placement import execution_device
 
         return execution_device(self.model, module)
 

@@ -6,6 +6,7 @@ A GGUF file is dequantised once and cached as a safetensors folder under the mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -445,3 +446,31 @@ def _finish(model, tok, device):
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
+
+
+def weights_hash(spec: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of a model folder's weight files (for a LoRA adapter, with its base's), by the files
+    alone: no model is loaded. Each file version (name, size, mtime) is read once per process."""
+    folder = resolve(str(spec))
+    files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    own = _files_hash(str(folder.resolve()), stamp)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+        return hashlib.sha256(f"{own}base:{weights_hash(str(base))}".encode()).hexdigest()[:16]
+    return own
+
+
+@functools.lru_cache(maxsize=256)
+def _files_hash(folder: str, stamp: tuple) -> str:
+    """The hash behind :func:`weights_hash`, cached by folder and file (name, size, mtime), so the base of every
+    adapter is read once per run, not once per adapter."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name, *_ in stamp:
+        f = folder / name
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

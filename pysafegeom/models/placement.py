@@ -23,6 +23,19 @@ import torch
 from torch import nn
 
 
+def _get(obj, path: str):
+    """``obj.a.b.c`` for ``path`` ``"a.b.c"``, or None where a part is missing."""
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# where the token embedding sits (the model adapter's list too), first match wins
+_EMBED = ("model.embed_tokens", "model.model.embed_tokens", "transformer.wte", "gpt_neox.embed_in")
+
+
 def _hooks(module: nn.Module) -> list:
     """The accelerate hooks on ``module`` (a ``SequentialHook`` is unpacked); [] without accelerate."""
     hook = getattr(module, "_hf_hook", None)
@@ -91,8 +104,6 @@ def _embedding(model: nn.Module) -> nn.Module | None:
     except (NotImplementedError, AttributeError):
         emb = None
     if emb is None:
-        from .adapter import _EMBED, _get
-
         emb = next((m for p in _EMBED if (m := _get(base, p)) is not None), None)
     return emb
 

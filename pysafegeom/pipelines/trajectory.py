@@ -36,8 +36,9 @@ import torch
 
 from .._io import atomic_dir, atomic_write_text, check_output_path, json_safe, mark_dir, read_marker
 from ..errors import DataOverlap, InvalidArgument, InvalidType, MissingFile
-from ..models.provenance import weights_hash as _weights_hash
+from ..models.loading import weights_hash as _weights_hash
 from ..protocol import metrics as M
+from ..report.trajectory_report import row_value as _value
 
 CONTENT = "trajectory"
 ANCHOR_CONTENT = "trajectory anchor"
@@ -651,26 +652,6 @@ def permutation_test(x, y, *, exact_max_n: int = EXACT_MAX_N, draws: int = MONTE
                    p_greater=(1 + ge) / (1 + draws), p_less=(1 + le) / (1 + draws), p_two_sided=(1 + ab) / (1 + draws))
     out["rho"] = max(-1.0, min(1.0, obs / norm))
     return out
-
-
-def _value(row: dict, key: str):
-    v = row.get(key)
-    if isinstance(v, dict):
-        v = v.get("value", v.get("asr"))
-    if key == "fixed_source_asr":
-        fs = row.get("fixed_source")
-        v = fs["overall"]["asr"] if fs else None
-    if key == "adaptive_asr":  # every method's attacks pooled (successes over attacks)
-        ad = row.get("adaptive") or {}
-        n = sum(m["n"] for m in ad.values())
-        v = sum(m["k"] for m in ad.values()) / n if n else None
-    if key == "drift_common_deg":
-        v = (row.get("drift_first") or {}).get("common_deg")
-    if key == "b_distance_first":
-        v = row.get("b_distance_first")
-    if key == "benign_ce":  # the reference-answer cross-entropy of the benign prompts (nats/token; lower is better)
-        v = (row.get("benign_utility") or {}).get("mean_cross_entropy")
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
 def correlations(rows: list[dict]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
 from . import _f, _page  # the number format and page wrapper of the analysis report
 from .svg import line_chart
@@ -24,10 +25,28 @@ def _num(v):
     return float("nan") if v is None else float(v)
 
 
-def _val(row: dict, key: str):
-    from ..pipelines.trajectory import _value
+def row_value(row: dict, key: str):
+    """The number a trajectory row holds for a geometry or behaviour key (None where it has none, or not finite)."""
+    v = row.get(key)
+    if isinstance(v, dict):
+        v = v.get("value", v.get("asr"))
+    if key == "fixed_source_asr":
+        fs = row.get("fixed_source")
+        v = fs["overall"]["asr"] if fs else None
+    if key == "adaptive_asr":  # every method's attacks pooled (successes over attacks)
+        ad = row.get("adaptive") or {}
+        n = sum(m["n"] for m in ad.values())
+        v = sum(m["k"] for m in ad.values()) / n if n else None
+    if key == "drift_common_deg":
+        v = (row.get("drift_first") or {}).get("common_deg")
+    if key == "b_distance_first":
+        v = row.get("b_distance_first")
+    if key == "benign_ce":  # the reference-answer cross-entropy of the benign prompts (nats/token; lower is better)
+        v = (row.get("benign_utility") or {}).get("mean_cross_entropy")
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
-    return _value(row, key)
+
+_val = row_value
 
 
 def _series(table: list[dict], fn) -> dict:
