@@ -98,7 +98,7 @@ def _workers() -> list[int]:
     return pids
 
 
-def _kill_one_worker_during(fn, delay: float = 1.0, timeout: float = 120.0):
+def _kill_one_worker_during(fn, delay: float = 0.5, timeout: float = 120.0):
     """Run ``fn()`` in a thread; once a worker runs one of its units, wait ``delay`` s and SIGKILL that worker. Returns
     (fn's result, the killed pid)."""
     box = {}
@@ -210,7 +210,7 @@ def _replay(s, out, **kw):
 
 def test_replay_on_ray_equals_one_process_with_a_worker_killed(cluster, setup, tmp_path):
     one = _replay(setup, tmp_path / "one")
-    fanned, killed = _kill_one_worker_during(lambda: _replay(setup, tmp_path / "ray", ray=True, shard_size=2), delay=0.5)
+    fanned, killed = _kill_one_worker_during(lambda: _replay(setup, tmp_path / "ray", ray=True, shard_size=2), delay=0.2)
     assert killed is not None
     for f in ("results.json", "completions.json", "generations.json"):
         assert json.loads((tmp_path / "ray" / f).read_text()) == json.loads((tmp_path / "one" / f).read_text()), f
