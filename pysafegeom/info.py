@@ -28,6 +28,8 @@ def collect() -> dict:
             "torch": torch.__version__,
             "transformers": _version("transformers"),
             "triton": _version("triton"),
+            "accelerate": _version("accelerate"),  # --device-map (a model placed over several devices)
+            "ray": _version("ray") + ("" if _version("ray") != "not installed" else " (--ray: pip install 'pysafegeom[ray]')"),
         },
         "device": {
             "cuda_available": cuda,

@@ -291,6 +291,7 @@ def test_no_ray_import_without_ray_and_a_clear_line_without_ray_installed(setup,
         "build_parser().parse_args(['trajectory', '--run', 'a=x', '--out', 'o'])\n"
         f"replay({str(setup / 'cases')!r}, {str(setup / 'other')!r}, out={str(tmp_path / 'r')!r}, max_new_tokens=2, "
         "progress=False)\n"
+        "import pysafegeom.info as I; assert I.collect()['versions']['ray'] == __import__('importlib.metadata').metadata.version('ray')\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
         "sys.modules['ray'] = None\n"
         "from pysafegeom.scale import run_units, RayOptions\n"
