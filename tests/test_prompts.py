@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pysafegeom.prompts import TEMPLATES, TemplateError, format_prompts, split_template
+from pysafegeom.validate import is_blank
 
 FAMILIES = ["chatml", "llama-2", "llama-3", "mistral", "zephyr", "gemma"]
 SYSTEM_OK = {"chatml", "llama-2", "llama-3", "zephyr"}
@@ -71,7 +72,8 @@ def test_left_padding_and_mask(tok):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(st.text(min_size=1, max_size=40).filter(lambda s: s.strip()), min_size=1, max_size=4),
+# (texts that show something: the package refuses blank ones, zero-width characters such as a soft hyphen included)
+@given(texts=st.lists(st.text(min_size=1, max_size=40).filter(lambda s: not is_blank(s)), min_size=1, max_size=4),
        family=st.sampled_from(FAMILIES))
 def test_positions_inside_prompt_and_unmoved_by_padding(tok, texts, family):
     batch = format_prompts(tok, texts, template=family)
