@@ -135,13 +135,13 @@ def test_the_scorer_reads_the_offloaded_head_once_per_call(placed_pair, monkeypa
     a = AutoDAN(placed, tk, BEHAVIOUR, TARGET, AutoDANConfig(**{**RUN, "batch_overhead_rows": 1}))
     assert a.scorer.target_only
     loads = []
-    real = autodan.module_weight
+    real = autodan.module_tensor
 
-    def count(module, name="weight"):
+    def count(model, module, name="weight", **kw):
         loads.append(type(module).__name__)
-        return real(module, name)
+        return real(model, module, name, **kw)
 
-    monkeypatch.setattr(autodan, "module_weight", count)
+    monkeypatch.setattr(autodan, "module_tensor", count)
     pop = a.initial_population(random.Random(0))
     cases = [a.test_case(t) for t in pop]
     assert len(a.scorer._partition(sorted(len(r) for r in a.scorer.rows(cases)), len(a.scorer.target_ids) - 1)) > 1

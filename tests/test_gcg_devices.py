@@ -24,6 +24,7 @@ from brute import sharp_tiny_model
 from pysafegeom import ops
 from pysafegeom.attacks import gcg, multidevice
 from pysafegeom.attacks.gcg import GCG, AttackError, GCGConfig, model_hash
+from pysafegeom.models.placement import is_dispatched
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -97,7 +98,7 @@ def dispatched(model, how: str, tmp_path):
     else:  # pragma: no cover
         raise ValueError(how)
     assert d.get_input_embeddings().weight.device.type == "meta"  # really offloaded: the case that breaks
-    assert multidevice.is_dispatched(d)
+    assert is_dispatched(d)
     return d
 
 

@@ -78,10 +78,10 @@ from .. import ops
 from .. import validate as V
 from ..errors import InvalidType
 from ..models.forward import forward
-from ..models.placement import input_device, module_tensor
+from ..models.placement import execution_device, input_device, module_tensor
 from .gcg import (AttackError, _cache_tensors, _cache_view, _is_oom, _out_cache, load_state, model_hash, plain_head,
                   save_state, state_folder)
-from .multidevice import execution_device, module_weight, on_device
+from .multidevice import on_device
 
 STATE_FILE = "autodan_state.pt"
 STATE_VERSION = 1
@@ -495,7 +495,7 @@ class _Scorer:
         # top-level hook returns the outputs on the device of its inputs, so the [n, L, V] logits then stay on
         # the head's device instead of being copied to the embedding's (the embedding's hook moves the ids)
         head = model.get_output_embeddings()
-        self.feed = self.device if self.target_only or head is None else execution_device(head)
+        self.feed = self.device if self.target_only or head is None else execution_device(model, head)
         self.target = torch.tensor(self.target_ids, device=self.feed)
         cpu = self.device.type == "cpu"
         self.overhead = cfg.batch_overhead_rows or (64 if cpu else 4096)
@@ -516,7 +516,7 @@ class _Scorer:
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head's weight ``[V, d]`` on the head's execution device (loaded there when offloaded)."""
-        return module_weight(self.model.get_output_embeddings()).detach()
+        return module_tensor(self.model, self.model.get_output_embeddings(), on_device=True).detach()
 
     def _loss(self, out, T: int, W: torch.Tensor | None = None) -> torch.Tensor:
         """Mean target CE ``[B]`` from the forward's output; ``W``: the head's weight (:meth:`_head_weight`),

@@ -69,7 +69,7 @@ from ..errors import AttackError, InvalidType, OutputExists  # noqa: F401 (Attac
 from ..models.forward import forward
 from ..prompts import SENTINEL, resolve_template, special_token_strings
 from . import multidevice
-from .multidevice import execution_device, module_weight, param_value
+from ..models.placement import execution_device, is_dispatched, module_tensor, parameter_value
 
 DEFAULT_OPTIM_STR = "x x x x x x x x x x x x x x x x x x x x"
 STATE_FILE = "gcg_state.pt"
@@ -488,9 +488,9 @@ class _ModelScorer:
         self.head = model.get_output_embeddings()
         # a model dispatched by accelerate runs each module on its own device: ids and the one-hot live where
         # the embedding runs, the target loss where the head does (one device for an undispatched model)
-        self.device = execution_device(self.embed)
-        self.out_device = execution_device(self.head) if self.head is not None else self.device
-        self.W_E = self.embed.weight  # for its shape and dtype only: module_weight() gives its value (offloaded: meta)
+        self.device = execution_device(model, self.embed)
+        self.out_device = execution_device(model, self.head) if self.head is not None else self.device
+        self.W_E = self.embed.weight  # for its shape and dtype only: module_tensor() gives its value (offloaded: meta)
         scale = getattr(self.embed, "embed_scale", None)
         self.embed_scale = float(scale) if scale is not None else 1.0
         self.body = getattr(model, "base_model", model)
@@ -574,7 +574,7 @@ class _ModelScorer:
         ids = self.t[0]["before"][:, :4]
         with torch.no_grad():
             got = self.embed(ids)
-            mine = module_weight(self.embed)[ids] * self.embed_scale
+            mine = module_tensor(self.model, self.embed, on_device=True)[ids] * self.embed_scale
         if not torch.allclose(got.float(), mine.float(), rtol=1e-3, atol=1e-5):
             raise AttackError(f"{type(self.model).__name__}: its input embedding is not a (scaled) lookup of its "
                               "weight, so the one-hot token gradient is undefined for it")
@@ -583,7 +583,7 @@ class _ModelScorer:
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head's weight ``[V, d]`` on the head's device (loaded there when accelerate offloaded it)."""
-        return module_weight(self.head).detach()
+        return module_tensor(self.model, self.head, on_device=True).detach()
 
     def _loss_h(self, h: torch.Tensor, b: int, W: torch.Tensor | None = None) -> torch.Tensor:
         """``h [B, T, d]`` final hidden states at the positions predicting the target -> loss ``[B]`` float32 (on
@@ -615,7 +615,7 @@ class _ModelScorer:
         """``d (summed loss) / d onehot(ids)`` -> ``([L, V] float32 on CPU, loss)``; keeps the KV of the
         suffix for :meth:`score`'s prefix reuse."""
         L = ids.shape[0]
-        W_E = module_weight(self.embed)  # [V, d] on the embedding's device
+        W_E = module_tensor(self.model, self.embed, on_device=True)  # [V, d] on the embedding's device
         W_head = self._head_weight() if self.target_only else None
         onehot = torch.zeros(L, W_E.shape[0], device=self.device, dtype=W_E.dtype)
         onehot.scatter_(1, ids.to(self.device)[:, None], 1.0)
@@ -807,7 +807,7 @@ def model_hash(model) -> str:
     if config is not None:  # a model without a config is hashed by its class and weights alone
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     params = list(model.named_parameters())
-    if multidevice.is_dispatched(model):
+    if is_dispatched(model):
         # accelerate's offload hooks split tied weights (lm_head = embed_tokens) into two meta parameters; the
         # same model undispatched lists the tied one once, so its duplicate is left out to give the same hash
         tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -815,7 +815,7 @@ def model_hash(model) -> str:
         params = [(n, p) for n, p in params if not (n in tied and tied[n] in names)]
     with torch.no_grad():
         for name, p in params[:: max(1, len(params) // 16)]:
-            flat = param_value(model, name, p).detach().reshape(-1)  # offloaded by accelerate: its stored value
+            flat = parameter_value(model, name, p).detach().reshape(-1)  # offloaded by accelerate: its stored value
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())

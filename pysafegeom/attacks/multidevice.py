@@ -6,7 +6,8 @@ device_map=...)``, ``accelerate.cpu_offload``) runs each module on its *executio
 module's accelerate hook; a module offloaded to the CPU or the disk keeps its parameters on the ``meta``
 device between forwards and loads them from the hook's weights map for each call. GCG reads two weights
 itself (the embedding, for the one-hot gradient; the LM head, for the target-only loss), so
-:func:`execution_device` and :func:`module_weight` find where a module runs and its weight there. Every
+:func:`pysafegeom.models.placement.execution_device` and :func:`~pysafegeom.models.placement.module_tensor` find where
+a module runs and its weight there. Every
 other tensor stays where the model's own layers put it: the prefix KV of each layer on that layer's device,
 the last hidden state on the final norm's, the logits on the head's.
 
@@ -36,75 +37,13 @@ from typing import Sequence
 import torch
 
 from ..errors import AttackError, InvalidType
-
-
-def _error(msg: str):
-    return AttackError(msg)
-
-# --- where a module of a dispatched model runs --------------------------------------------------------
-
-
-def _align_hook(module):
-    """The accelerate hook that places ``module`` (an ``AlignDevicesHook``, possibly inside a
-    ``SequentialHook``), or None."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return None
-    for h in getattr(hook, "hooks", (hook,)):
-        if hasattr(h, "execution_device") and hasattr(h, "weights_map"):
-            return h
-    return None
-
-
-def is_dispatched(model) -> bool:
-    """Whether accelerate placed ``model`` (any module carries a device hook)."""
-    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
-
-
-def execution_device(module) -> torch.device:
-    """Where ``module`` computes: its accelerate hook's execution device, else the device of its parameters."""
-    hook = _align_hook(module)
-    if hook is not None and hook.execution_device is not None:
-        d = hook.execution_device
-        return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
-    for p in module.parameters():
-        if p.device.type == "meta":
-            raise _error(f"{type(module).__name__} has its weights on the meta device and no accelerate hook "
-                         "that loads them: load the model's weights (or dispatch it with accelerate)")
-        return p.device
-    raise _error(f"{type(module).__name__} has no parameters, so it has no device")
-
-
-def module_weight(module, name: str = "weight") -> torch.Tensor:
-    """``module``'s parameter ``name`` on its execution device: the parameter itself, or, when accelerate
-    offloaded it (meta between forwards), the value from the hook's weights map, loaded onto that device."""
-    p = getattr(module, name)
-    if p.device.type != "meta":
-        return p
-    hook = _align_hook(module)
-    if hook is None or hook.weights_map is None:
-        raise _error(f"{type(module).__name__}.{name} is on the meta device and no accelerate hook holds its "
-                     "value: load the model's weights")
-    return hook.weights_map[name].to(execution_device(module))
+from ..models.placement import is_dispatched  # (a dispatched model is not copied whole)
 
 
 def on_device(device: torch.device):
     """A context making ``device`` the current CUDA device (kernels that launch on the current device, as
     Triton's do, then run where their tensors are; a thread starts on cuda:0); nothing on other devices."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def param_value(model, name: str, p: torch.Tensor) -> torch.Tensor:
-    """The value of ``model``'s parameter ``name`` (``p``, as ``named_parameters`` gave it), offloaded or not,
-    on the device where it is stored (no copy for a loaded one)."""
-    if p.device.type != "meta":
-        return p
-    owner, _, leaf = name.rpartition(".")
-    hook = _align_hook(model.get_submodule(owner) if owner else model)
-    if hook is None or hook.weights_map is None:
-        raise _error(f"parameter {name} is on the meta device and no accelerate hook holds its value: "
-                     "load the model's weights")
-    return hook.weights_map[leaf]
 
 
 # --- the devices of GCGConfig.devices -----------------------------------------------------------------
@@ -119,7 +58,7 @@ def parse_devices(devices) -> tuple[str, ...]:
         raise InvalidType(f"devices must be None or a tuple of device names such as ('cuda:0', 'cuda:1'), "
                           f"got {type(devices).__name__}")
     if not devices:
-        raise _error("devices is empty: name at least one device, or pass devices=None for the model's own")
+        raise AttackError("devices is empty: name at least one device, or pass devices=None for the model's own")
     out = []
     for i, d in enumerate(devices):
         if not isinstance(d, (str, torch.device)):
@@ -127,10 +66,10 @@ def parse_devices(devices) -> tuple[str, ...]:
         try:
             dev = torch.device(d)
         except (RuntimeError, TypeError, ValueError):
-            raise _error(f"devices[{i}]={d!r} is not a device name torch knows; use names such as 'cpu', "
+            raise AttackError(f"devices[{i}]={d!r} is not a device name torch knows; use names such as 'cpu', "
                          "'cuda:0', 'cuda:1'") from None
         if dev.type == "meta":
-            raise _error(f"devices[{i}] is 'meta', which holds no data: a replica there could not score")
+            raise AttackError(f"devices[{i}] is 'meta', which holds no data: a replica there could not score")
         out.append(str(dev))
     return tuple(out)
 
@@ -146,7 +85,7 @@ def resolve_devices(devices: Sequence[str]) -> list[torch.device]:
             idx = dev.index if dev.index is not None else (torch.cuda.current_device() if n else 0)
             if idx >= n:
                 have = ", ".join(f"cuda:{k}" for k in range(n)) or "none"
-                raise _error(f"devices[{i}]={d!r}, but torch sees {n} CUDA device(s) here ({have}); "
+                raise AttackError(f"devices[{i}]={d!r}, but torch sees {n} CUDA device(s) here ({have}); "
                              "name devices that exist, e.g. devices=('cpu', 'cpu') on a machine without a GPU")
             dev = torch.device("cuda", idx)
         out.append(dev)
@@ -181,30 +120,30 @@ def replica_models(model, devices: list[torch.device], given=None, *, hash_fn, i
             raise InvalidType(f"replicas must be a list with one model per entry of config.devices, got "
                               f"{type(given).__name__}")
         if len(given) != len(devices):
-            raise _error(f"got {len(given)} replicas for {len(devices)} devices; give one replica per entry "
+            raise AttackError(f"got {len(given)} replicas for {len(devices)} devices; give one replica per entry "
                          "of config.devices (the model itself may be one of them)")
         want = hash_fn(model)
         out = []
         for i, (r, dev) in enumerate(zip(given, devices)):
             if n_models > 1:
                 if not isinstance(r, (list, tuple)) or len(r) != n_models:
-                    raise _error(f"replicas[{i}] must list one model per ensemble model ({n_models})")
+                    raise AttackError(f"replicas[{i}] must list one model per ensemble model ({n_models})")
                 r = r[index]
             if not isinstance(r, torch.nn.Module):
                 raise InvalidType(f"replicas[{i}] must be a model (a torch.nn.Module), got {type(r).__name__}")
             where = _on_one_device(r)
             if where is None or not _same_device(where, dev):
-                raise _error(f"replicas[{i}] is not wholly loaded on {dev} (config.devices[{i}]): a replica "
+                raise AttackError(f"replicas[{i}] is not wholly loaded on {dev} (config.devices[{i}]): a replica "
                              f"is one model on one device, not dispatched; move it with .to('{dev}')")
             if r is not model and hash_fn(r) != want:
-                raise _error(f"replicas[{i}] has other weights than the model (model_hash {hash_fn(r)} vs "
+                raise AttackError(f"replicas[{i}] has other weights than the model (model_hash {hash_fn(r)} vs "
                              f"{want}); a replica must be a copy of the model, or the devices would score "
                              "another model")
             out.append(r)
         return out, [False] * len(out)
     home = _on_one_device(model)
     if home is None:
-        raise _error("config.devices makes a copy of the model on each device, but this model is dispatched "
+        raise AttackError("config.devices makes a copy of the model on each device, but this model is dispatched "
                      "over several devices (or offloaded) by accelerate and cannot be copied whole; drop "
                      "devices= (the dispatched model scores on its own devices), or pass replicas=, one "
                      "loaded copy per device")
@@ -293,7 +232,7 @@ class ReplicatedScorer:
                 else:
                     want = want or self._hash(self.main.model)
                     if self._hash(r.model) != want:
-                        raise _error(f"the replica on {r.device} no longer has the model's weights; update "
+                        raise AttackError(f"the replica on {r.device} no longer has the model's weights; update "
                                      "the replicas you passed after changing the model (or let GCG copy "
                                      "them: omit replicas=)")
         self.main.refresh()
@@ -327,5 +266,5 @@ def _score_on(r, cands: torch.Tensor, cur: torch.Tensor, b: int) -> torch.Tensor
         return r.score(cands, cur, b)
 
 
-__all__ = ["ReplicatedScorer", "copy_to", "execution_device", "is_dispatched", "module_weight", "on_device",
-           "param_value", "parse_devices", "replica_models", "resolve_devices", "split_shares"]
+__all__ = ["ReplicatedScorer", "copy_to", "on_device", "parse_devices", "replica_models", "resolve_devices",
+           "split_shares"]

@@ -52,7 +52,7 @@ from .. import ops
 from .. import validate as V
 from ..errors import InvalidArgument, InvalidType
 from ..models import ModelAdapter
-from ..models.placement import WeightsOverlay
+from ..models.placement import WeightsOverlay, is_dispatched
 
 POSITION_MODES = ("all", "prompt", "instruction")
 MAX_DIRECTIONS = 16  # the fused kernels' limit on k
@@ -405,7 +405,7 @@ def _devices(ad: ModelAdapter, layers: list[int]) -> list[torch.device]:
     """The devices the hooks on ``layers`` see activations on: the inputs' device, and each layer's execution
     device (a block's input arrives from the block before it; one device unless the model is placed over several)."""
     devs = [ad.device]
-    if getattr(ad.model, "hf_device_map", None) is not None:
+    if is_dispatched(ad.model):
         for l in layers:
             for m in {ad.layers[l - 1] if l else ad.embed, ad.layers[l]}:
                 dev = ad.device_of(m)

@@ -133,6 +133,11 @@ def is_sharded(model: nn.Module) -> bool:
     return is_offloaded(model)
 
 
+def is_dispatched(model: nn.Module) -> bool:
+    """True when accelerate placed ``model`` (any module carries a device hook), on one device or several."""
+    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+
+
 def is_offloaded(model: nn.Module) -> bool:
     """True when some parameter lives on ``meta`` (offloaded to the CPU or disk, loaded by its hook per forward)."""
     return any(p.device.type == "meta" for p in model.parameters())
@@ -158,9 +163,10 @@ def offload_slot(model: nn.Module, module: nn.Module, name: str, names: dict[int
     return None
 
 
-def module_tensor(model: nn.Module, module: nn.Module, name: str = "weight") -> torch.Tensor:
+def module_tensor(model: nn.Module, module: nn.Module, name: str = "weight", *, on_device: bool = False) -> torch.Tensor:
     """The tensor ``module.<name>`` as the forward sees it: the parameter itself, or (offloaded) the copy its
-    accelerate hook loads (a host tensor, read from the offload store; editing it changes nothing)."""
+    accelerate hook loads (a host tensor, read from the offload store; editing it changes nothing). ``on_device``:
+    that copy moved to the module's execution device (a loaded parameter is there already)."""
     tensor = getattr(module, name)
     if tensor.device.type != "meta":
         return tensor
@@ -169,18 +175,24 @@ def module_tensor(model: nn.Module, module: nn.Module, name: str = "weight") -> 
         raise RuntimeError(f"{type(module).__name__}.{name} is on the meta device but no accelerate hook loads it; "
                            "was the model dispatched with accelerate (load_model(..., device_map=...))?")
     hook, key = slot
-    return hook.weights_map[key]
+    value = hook.weights_map[key]
+    return value.to(execution_device(model, module)) if on_device else value
+
+
+def parameter_value(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
+    """The value of ``model``'s parameter ``name`` (``p``, as ``named_parameters`` gave it): ``p`` itself when
+    loaded, else the copy its offload store holds (on the host)."""
+    if p.device.type != "meta":
+        return p
+    owner, _, leaf = name.rpartition(".")
+    return module_tensor(model, model.get_submodule(owner) if owner else model, leaf)
 
 
 def parameter_values(model: nn.Module):
-    """``(name, tensor)`` for every parameter of ``model`` as ``named_parameters`` lists them, an offloaded one read
-    from its offload store (one at a time, on the host), a loaded one as it is (no copy)."""
+    """``(name, tensor)`` for every parameter of ``model`` as ``named_parameters`` lists them (:func:`parameter_value`:
+    an offloaded one read from its offload store, one at a time)."""
     for name, p in model.named_parameters():
-        if p.device.type != "meta":
-            yield name, p
-        else:
-            owner, _, leaf = name.rpartition(".")
-            yield name, module_tensor(model, model.get_submodule(owner) if owner else model, leaf)
+        yield name, parameter_value(model, name, p)
 
 
 class WeightsOverlay(Mapping):
@@ -209,5 +221,6 @@ class WeightsOverlay(Mapping):
         return len(self.base) + sum(1 for k in self.edits if k not in self.base)
 
 
-__all__ = ["WeightsOverlay", "device_map", "execution_device", "input_device", "is_offloaded", "is_sharded", "parameter_values",
+__all__ = ["WeightsOverlay", "device_map", "execution_device", "input_device", "is_dispatched", "is_offloaded", "is_sharded",
+           "parameter_value", "parameter_values",
            "module_tensor", "offload_slot"]
