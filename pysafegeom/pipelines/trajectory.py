@@ -267,9 +267,7 @@ class AnchorLoader:
     """Loads anchors one after another. LoRA adapters of one base share one loaded base: the adapter is merged in
     (PEFT's ``merge_and_unload``, as :func:`pysafegeom.load_model` does) after the weights the previous adapter
     touched are restored, so the base is read from disk once. Anything else is a fresh :func:`load_model`.
-    ``swaps`` / ``fresh`` count how each anchor was loaded. After each load, ``loaded_as`` is the spec whose weights the
-    model now holds exactly: the spec itself for a fresh load, the base for an adapter whose merge changed no weight
-    (an untrained LoRA, whatever its A matrix), None for any other adapter."""
+    ``swaps`` / ``fresh`` count how each anchor was loaded."""
 
     def __init__(self, device=None, dtype=None, placement: dict | None = None):
         self.device, self.dtype = device, dtype
@@ -277,7 +275,6 @@ class AnchorLoader:
         self._base = None  # (spec, model, tokenizer, base training record)
         self._saved: dict[str, torch.Tensor] = {}
         self.swaps = self.fresh = 0
-        self.loaded_as: str | None = None
 
     def _drop(self):
         self._base, self._saved = None, {}
@@ -314,8 +311,6 @@ class AnchorLoader:
                 if n not in self._saved:
                     self._saved[n] = named[n].detach().clone()
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        now = dict(merged.named_parameters())
-        self.loaded_as = base if all(torch.equal(now[n], self._saved[n]) for n in params) else None
         assert merged is model, "merge_and_unload returned another model object"
         model.eval()
         model.requires_grad_(False)
@@ -331,7 +326,6 @@ class AnchorLoader:
         self.fresh += 1
         model, tok = load_model(spec, dtype=self.dtype, device=self.device, **self.placement)
         model.config._name_or_path = str(spec)
-        self.loaded_as = str(spec)
         return model, tok
 
 
@@ -984,16 +978,34 @@ def _remember(same: dict, a: Anchor, folder: Path, *keys) -> None:
             same.setdefault(key, (a, folder))
 
 
+def weights_key(a: Anchor, fp: tuple, fp_cfg: dict) -> str:
+    """What the anchor measures as, once loaded: its own content key, or for a LoRA adapter with a zero update
+    (an untrained checkpoint-0, whatever its A matrix) its base's, whose weights it then holds bit for bit."""
+    base = zero_update_base(a.spec)
+    return fp[2] if base is None else _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(base)})
+
+
+def _done_keys(plan: list) -> dict:
+    """``{key: (anchor, folder)}`` of the finished anchors, by their content key and their loaded-weights key."""
+    same: dict = {}
+    for a, fp, _, folder, state, old in plan:
+        if state == "done":
+            _remember(same, a, folder, fp[2], old.get("loaded_weights_key"))
+    return same
+
+
 def anchor_work(loader: "AnchorLoader", a: Anchor, fp: tuple, fp_cfg: dict, folder: Path, state: str, old, inputs: dict,
                 cfg: TrajectoryConfig, ident: dict, same: dict, progress: bool, tag: str) -> dict:
     """One anchor that is not done: copied from an anchor of the same weights (``same``), refreshed, or measured into
     its folder (atomically); returns its log entry. The single-process loop and each Ray task both run this."""
-    if state == "todo" and fp[2] in same:
-        src, src_folder = same[fp[2]]
+    wkey = weights_key(a, fp, fp_cfg) if state == "todo" else None
+    src = same.get(fp[2]) or same.get(wkey) if state == "todo" else None
+    if src is not None:  # the same files, or an untrained adapter of a base measured already: nothing loaded
+        src, src_folder = src
         if progress:
             print(f"{tag}: the same weights as {src.name}; its measurement copied", flush=True)
         with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-            copy_anchor(src_folder, tmp, a, src, fp, fp_cfg)
+            copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
         return {"anchor": a.name, "skipped": False, "copied_from": src.name}
     if state == "refresh":
         what = [k for k in REDOABLE if old.get("fingerprint_config", {}).get(k) != fp_cfg.get(k)]
@@ -1008,31 +1020,11 @@ def anchor_work(loader: "AnchorLoader", a: Anchor, fp: tuple, fp_cfg: dict, fold
         del model
         shutil.rmtree(inputs["work"] / a.name, ignore_errors=True)
         return {"anchor": a.name, "skipped": False, "refreshed": redone, "seconds": time.perf_counter() - t0}
-    base = zero_update_base(a.spec) if state == "todo" else None
-    if base is not None:  # an untrained adapter: its base's weights, known from its files (nothing loaded)
-        wkey = _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(base)})
-        if wkey in same:
-            src, src_folder = same[wkey]
-            if progress:
-                print(f"{tag}: a zero LoRA update of the base measured as {src.name}; its measurement copied", flush=True)
-            with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-                copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
-            return {"anchor": a.name, "skipped": False, "copied_from": src.name}
     if progress:
         print(f"{tag}: measuring", flush=True)
     t0 = time.perf_counter()
     model, tok = loader.load(a.spec)
-    # the weights as loaded: a LoRA checkpoint whose merge changed nothing is its base, whatever its A matrix
-    wkey = None if loader.loaded_as is None else \
-        _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(loader.loaded_as)})
     t_load = time.perf_counter() - t0
-    if wkey in same:
-        src, src_folder = same[wkey]
-        if progress:
-            print(f"{tag}: loads to the same weights as {src.name}; its measurement copied", flush=True)
-        with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
-            copy_anchor(src_folder, tmp, a, src, fp, fp_cfg, wkey)
-        return {"anchor": a.name, "skipped": False, "copied_from": src.name}
     with atomic_dir(folder, content=ANCHOR_CONTENT) as tmp:
         row = measure_anchor(model, tok, a, tmp, inputs, cfg, progress)
         row["seconds"]["load"] = t_load
@@ -1052,9 +1044,8 @@ def _anchor_task(a: Anchor, fp: tuple, fp_cfg: dict, folder: str, state: str, ol
     from ..scale import per_process_offload
 
     with shared_encoding():
-        entry = anchor_work(AnchorLoader(device=device, dtype=dtype, placement=per_process_offload(placement)), a, fp, fp_cfg, Path(folder), state, old, inputs,
-                            cfg, ident, dict(same), False, a.name)
-    return entry
+        loader = AnchorLoader(device=device, dtype=dtype, placement=per_process_offload(placement))
+        return anchor_work(loader, a, fp, fp_cfg, Path(folder), state, old, inputs, cfg, ident, dict(same), False, a.name)
 
 
 def _load_anchor(device, dtype, placement, spec: str):
@@ -1074,14 +1065,10 @@ def _fan_out(plan: list, inputs: dict, cfg: TrajectoryConfig, idents: dict, devi
     from ..scale import progress_bar, run_units, session
     from .attack import _attack_chunk, attack_units
 
-    same: dict = {}
-    for a, fp, _, folder, state, old in plan:
-        if state == "done":
-            _remember(same, a, folder, fp[2], old.get("loaded_weights_key"))
+    same = _done_keys(plan)
     units, seen = [], set(same)
     for a, fp, fp_cfg, folder, state, old in plan:
-        base = zero_update_base(a.spec) if state == "todo" else None
-        wkey = None if base is None else _content_key({**fp_cfg, "weights_sha256_16": _weights_hash(base)})
+        wkey = weights_key(a, fp, fp_cfg) if state == "todo" else None
         if state == "done" or (state == "todo" and (fp[2] in seen or wkey in seen)):
             continue  # copied by the single-process pass from the anchor with its weights
         seen.update(k for k in (fp[2], wkey) if k is not None)
@@ -1203,10 +1190,7 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
         plan = _plan(keyed, out, force)
     # an anchor with the same weights, options, prompts and cases as one measured already (the untrained step 0 of
     # runs from one base) is copied from it, not measured again: keyed by its files and by its weights as loaded
-    same = {}
-    for a, fp, _, folder, state, old in plan:
-        if state == "done":
-            _remember(same, a, folder, fp[2], old.get("loaded_weights_key"))
+    same = _done_keys(plan)
     with shared_encoding() as encodings:  # every prompt list tokenised once for all anchors (one tokenizer)
         for i, (a, fp, fp_cfg, folder, state, old) in enumerate(plan, 1):
             tag = f"[{i}/{len(plan)}] {a.name} ({a.spec})"
