@@ -319,7 +319,7 @@ def _cmd_attack_adaptive(args) -> int:
 
         return load_model(spec, device=args.device, **per_process_offload(placement))
 
-    from .scale import ray_from_args
+    from .cli_args import ray_from_args
 
     res = adaptive(models, behaviors, out=args.out, subset=args.subset, methods=methods, gcg=gcg, autodan=ad,
                    judges=judges, max_new_tokens=args.max_new_tokens, seed=args.seed, resume=not args.overwrite,
@@ -456,7 +456,7 @@ def _add_attack(sub) -> None:
     _attack_common(d)
     _gcg_args(d)
     _autodan_args(d, steps_flag="--autodan-steps")
-    from .scale import add_ray_args
+    from .cli_args import add_ray_args
 
     add_ray_args(d)
     d.set_defaults(func=_cmd_attack_adaptive)

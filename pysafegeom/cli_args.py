@@ -5,6 +5,10 @@ devices (``--device-map``, ``--max-memory``, ``--offload-folder``, ``--gcg-devic
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+
+from .errors import InvalidArgument
+from .scale import RayOptions, ray_options  # (scale imports Ray only when a fan-out runs)
 
 
 def _arg(check, parse=int, **kw):
@@ -126,4 +130,31 @@ def placement_from_args(args) -> dict:
                               ("offload_folder", getattr(args, "offload_folder", None))) if v is not None}
 
 
-__all__ = ["add_placement_args", "gcg_devices", "placement_from_args"]
+def add_ray_args(p) -> None:
+    """``--ray [ADDRESS]``, ``--ray-gpus``, ``--ray-cpus``, ``--ray-workers`` and ``--ray-chunk`` on a parser."""
+    g = p.add_argument_group("Ray fan-out (pip install 'pysafegeom[ray]')")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="fan the work out on Ray: a local cluster (no ADDRESS) or an existing one ('auto', HOST:PORT, "
+                        "ray://HOST:PORT); the outputs are those of a single-process run")
+    g.add_argument("--ray-gpus", type=_NONNEG_FLOAT, default=None, metavar="N", help="GPUs per Ray task (default 0; e.g. 1)")
+    g.add_argument("--ray-cpus", type=_NONNEG_FLOAT, default=None, metavar="N", help="CPUs per Ray task (default 1)")
+    g.add_argument("--ray-workers", type=_POS, default=None, metavar="N",
+                   help="CPUs of a local cluster started here (default: every CPU)")
+    g.add_argument("--ray-chunk", type=_POS, default=None, metavar="N",
+                   help="behaviours per adaptive-attack task (default 4; a model load per task)")
+
+
+def ray_from_args(args) -> RayOptions | None:
+    """The :class:`RayOptions` of ``--ray`` and its resource flags (None without ``--ray``)."""
+    extra = {k: v for k, v in (("num_gpus", getattr(args, "ray_gpus", None)), ("num_cpus", getattr(args, "ray_cpus", None)),
+                               ("workers", getattr(args, "ray_workers", None)),
+                               ("chunk", getattr(args, "ray_chunk", None))) if v is not None}
+    if getattr(args, "ray", None) is None:
+        if extra:
+            raise InvalidArgument("--ray-gpus / --ray-cpus / --ray-workers / --ray-chunk set up Ray tasks: give --ray too")
+        return None
+    opts = ray_options(args.ray)
+    return replace(opts, **extra).check()
+
+
+__all__ = ["add_placement_args", "add_ray_args", "gcg_devices", "placement_from_args", "ray_from_args"]

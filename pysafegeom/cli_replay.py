@@ -59,6 +59,17 @@ def _needs_target(specs) -> bool:
     return any(parse_judge_spec(s).needs_model_under_test for s in specs or [])
 
 
+def _judges_per_target(args):
+    """The judges of ``--judge`` for commands that load their targets themselves: a callable building them beside
+    each target when one of them uses the target model (the default's local judge does), else the built list."""
+    if not args.judge or _needs_target(args.judge):
+        def judges(model, tok):
+            return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
+
+        return judges
+    return build_judges(args.judge, device=args.device, dtype=args.dtype)
+
+
 def _common(p, pos, dev, dt) -> None:
     p.add_argument("--out", required=True, help="output folder (resumed when it holds an earlier run)")
     p.add_argument("--max-new-tokens", type=pos, default=64,
@@ -74,7 +85,7 @@ def _common(p, pos, dev, dt) -> None:
     p.add_argument("--no-resume", action="store_true", help="regenerate every answer, ignoring those cached in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a folder in --out not written by this command")
     add_placement_args(p)
-    from .scale import add_ray_args
+    from .cli_args import add_ray_args
 
     add_ray_args(p)
     p.add_argument("--shard-size", type=pos, default=None, help="with --ray: test cases per task (whole batches; "
@@ -98,16 +109,11 @@ def _print_summary(summary: dict) -> None:
 def cmd_replay(args) -> int:
     """``attack replay``: replay stored test cases on one model."""
     from .attacks.replay import replay
-    from .scale import ray_from_args
+    from .cli_args import ray_from_args
 
     ropts = ray_from_args(args)
     if ropts is not None:  # the workers load the target; judges that need it are built beside it
-        if not args.judge or _needs_target(args.judge):
-            def judges(model, tok):
-                return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
-        else:
-            judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
-        summary = replay(args.cases, args.model, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
+        summary = replay(args.cases, args.model, out=args.out, judges=_judges_per_target(args), max_new_tokens=args.max_new_tokens,
                          template=args.template, system=args.system, batch_size=args.batch_size,
                          target_name=args.name or args.model, resume=not args.no_resume, overwrite=args.overwrite,
                          ray=ropts, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
@@ -132,15 +138,10 @@ def cmd_transfer(args) -> int:
     from pathlib import Path
 
     from .attacks.transfer import ALL, matrix_text, transfer
-    from .scale import ray_from_args
+    from .cli_args import ray_from_args
 
     ropts = ray_from_args(args)
-    if not args.judge or _needs_target(args.judge):
-        def judges(model, tok):
-            return build_judges(args.judge, model=model, tokenizer=tok, device=args.device, dtype=args.dtype)
-    else:
-        judges = build_judges(args.judge, device=args.device, dtype=args.dtype)
-    m = transfer(args.cases, args.models, out=args.out, judges=judges, max_new_tokens=args.max_new_tokens,
+    m = transfer(args.cases, args.models, out=args.out, judges=_judges_per_target(args), max_new_tokens=args.max_new_tokens,
                  template=args.template, system=args.system, batch_size=args.batch_size, resume=not args.no_resume,
                  overwrite=args.overwrite, device=args.device, dtype=args.dtype, ray=ropts, shard_size=args.shard_size,
                  **placement_from_args(args))

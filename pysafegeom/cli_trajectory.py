@@ -34,7 +34,7 @@ def cmd_trajectory(args) -> int:
     """``trajectory``: measure every anchor of each run, compare them, write trajectory.json and report.html."""
     from .cli_args import placement_from_args
     from .pipelines.trajectory import trajectory
-    from .scale import ray_from_args
+    from .cli_args import ray_from_args
 
     ropts = ray_from_args(args)
     runs = dict(args.run)
@@ -133,7 +133,7 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=dt, default=None, help="float32, bfloat16 or float16 (default: by device)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     from .cli_args import add_placement_args
-    from .scale import add_ray_args
+    from .cli_args import add_ray_args
 
     add_placement_args(p)
     add_ray_args(p)

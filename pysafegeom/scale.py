@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import InvalidArgument, InvalidType
@@ -212,49 +212,5 @@ def run_units(units: Iterable[tuple[str, dict]], fn: Callable, opts: RayOptions,
     return done
 
 
-def add_ray_args(p) -> None:
-    """``--ray [ADDRESS]``, ``--ray-gpus``, ``--ray-cpus`` and ``--ray-workers`` on an argparse parser."""
-    import argparse
-
-    def nonneg(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if v < 0 or v != v:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
-        return v
-
-    def pos_int(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
-        return int(text)
-
-    g = p.add_argument_group("Ray fan-out (pip install 'pysafegeom[ray]')")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="fan the work out on Ray: a local cluster (no ADDRESS) or an existing one ('auto', HOST:PORT, "
-                        "ray://HOST:PORT); the outputs are those of a single-process run")
-    g.add_argument("--ray-gpus", type=nonneg, default=None, metavar="N", help="GPUs per Ray task (default 0; e.g. 1)")
-    g.add_argument("--ray-cpus", type=nonneg, default=None, metavar="N", help="CPUs per Ray task (default 1)")
-    g.add_argument("--ray-workers", type=pos_int, default=None, metavar="N",
-                   help="CPUs of a local cluster started here (default: every CPU)")
-    g.add_argument("--ray-chunk", type=pos_int, default=None, metavar="N",
-                   help="behaviours per adaptive-attack task (default 4; a model load per task)")
-
-
-def ray_from_args(args) -> RayOptions | None:
-    """The :class:`RayOptions` of ``--ray`` and its resource flags (None without ``--ray``)."""
-    extra = {k: v for k, v in (("num_gpus", getattr(args, "ray_gpus", None)), ("num_cpus", getattr(args, "ray_cpus", None)),
-                               ("workers", getattr(args, "ray_workers", None)),
-                               ("chunk", getattr(args, "ray_chunk", None))) if v is not None}
-    if getattr(args, "ray", None) is None:
-        if extra:
-            raise InvalidArgument("--ray-gpus / --ray-cpus / --ray-workers / --ray-chunk set up Ray tasks: give --ray too")
-        return None
-    opts = ray_options(args.ray)
-    return replace(opts, **extra).check()
-
-
-__all__ = ["INSTALL_HINT", "RayOptions", "UnitFailed", "add_ray_args", "import_ray", "ray_from_args", "ray_options",
-           "per_process_offload", "progress_bar",
+__all__ = ["INSTALL_HINT", "RayOptions", "UnitFailed", "import_ray", "per_process_offload", "progress_bar", "ray_options",
            "run_units", "session"]

@@ -368,7 +368,7 @@ def device_map(name: str, v: Any, *, check_available: bool = True) -> str | dict
     return out
 
 
-def max_memory(name: str, v: Any) -> dict | None:
+def max_memory(name: str, v: Any, *, check_available: bool = True) -> dict | None:
     """None, or a dict device -> memory budget (bytes as an int, or a size such as ``'10GiB'`` / ``'500MB'``) for
     accelerate's placement; devices are GPU indices, ``'cpu'``, ``'cuda:N'``, ``'mps'`` or ``'disk'``."""
     if v is None:
@@ -378,7 +378,7 @@ def max_memory(name: str, v: Any) -> dict | None:
                           f"got {_kind(v)} {show(v)}")
     out = {}
     for key, budget in v.items():
-        dev = _map_device(name, key, key, check_available=True)
+        dev = _map_device(name, key, key, check_available=check_available)
         if isinstance(budget, bool) or not isinstance(budget, (numbers.Integral, str)):
             raise InvalidType(f"{name}[{key!r}] must be a byte count (int) or a size such as '10GiB', got "
                               f"{_kind(budget)} {show(budget)}")

@@ -100,6 +100,32 @@ def cache_key(test_case: str, target_hash: str, max_new_tokens: int, template, s
 
 # ------------------------------------------------------------------------------------------ rates
 
+def read_cache(out: Path) -> dict[str, str]:
+    """A replay folder's generation cache (``generations.json``); ``{}`` when absent or corrupt (it is then
+    regenerated, never trusted)."""
+    f = Path(out) / "generations.json"
+    try:
+        cache = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except ValueError:
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def judges_need_target(judges) -> bool:
+    """``judges`` is a callable ``(model, tokenizer) -> judges`` (judges that use the target model), not a list."""
+    return callable(judges) and not isinstance(judges, (list, tuple))
+
+
+def generate_batches(generate_fn, model, tokenizer, todo: list[str], *, max_new_tokens: int, batch_size: int,
+                     template, system):
+    """``(batch, greedy answers)`` for ``todo`` in consecutive batches of ``batch_size`` (the batches a replay
+    generates, in one process or shard by shard)."""
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        yield chunk, generate_fn(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 template=template, system=system, progress=False)
+
+
 def rate(k: int, n: int) -> dict:
     """``{"asr", "k", "n", "ci_low", "ci_high"}``: k of n with its 95% Wilson interval (None values when n = 0)."""
     if n == 0:
@@ -176,14 +202,7 @@ def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, templa
     out.mkdir(parents=True, exist_ok=True)
     _io.mark_dir(out, CONTENT)
     cache_file = out / "generations.json"
-    cache: dict[str, str] = {}
-    if resume and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        except ValueError:
-            cache = {}  # a corrupt cache is regenerated, never trusted
-        if not isinstance(cache, dict):
-            cache = {}
+    cache = read_cache(out) if resume else {}
     key = {t: cache_key(t, thash, max_new_tokens, template, system) for t in texts}
     todo = [t for t in texts if key[t] not in cache]
     if todo and model is None:
@@ -203,10 +222,8 @@ def _run(cases, model, tokenizer, *, out, judges=None, max_new_tokens=64, templa
 
         bar = tqdm(total=len(texts), initial=len(texts) - len(todo), desc=f"replay on {name}", unit="case")
     try:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            gens = generate_fn(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               template=template, system=system, progress=False)
+        for chunk, gens in generate_batches(generate_fn, model, tokenizer, todo, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, template=template, system=system):
             for t, g in zip(chunk, gens):
                 cache[key[t]] = g
             _io.atomic_write_text(cache_file, json.dumps(cache, ensure_ascii=False) + "\n")
@@ -268,25 +285,18 @@ def _shard_task(spec: str, texts: list[str], out: str, max_new_tokens: int, temp
     """One Ray task: greedy answers of the target ``spec`` to one shard (skipping what ``out``'s cache holds)."""
     from ..generation import generate
     from ..models import load_model
-    from .gcg import model_hash
-
     from ..scale import per_process_offload
+    from .gcg import model_hash
 
     model, tok = load_model(spec, dtype=dtype, device=device, **per_process_offload(placement))
     thash = model_hash(model)
-    cache_file = Path(out) / "generations.json"
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
-    except ValueError:
-        cache = {}
+    cache = read_cache(Path(out))
     key = {t: cache_key(t, thash, max_new_tokens, template, system) for t in texts}
-    todo = [t for t in texts if key[t] not in cache]
     gens = {}
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        for t, g in zip(chunk, generate(model, tok, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        template=template, system=system, progress=False)):
-            gens[key[t]] = g
+    for chunk, answers in generate_batches(generate, model, tok, [t for t in texts if key[t] not in cache],
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, template=template,
+                                           system=system):
+        gens.update((key[t], g) for t, g in zip(chunk, answers))
     return {"thash": thash, "name": _target_name(model, None), "gens": gens}
 
 
@@ -294,7 +304,6 @@ def _judge_task(stores, spec: str, out: str, judges, device=None, dtype=None, pl
                 **kw) -> tuple[dict, list[dict]]:
     """One Ray task: judges that need the target (``judges(model, tokenizer)``) over a complete generation cache."""
     from ..models import load_model
-
     from ..scale import per_process_offload
 
     model, tok = load_model(spec, dtype=dtype, device=device, **per_process_offload(placement))
@@ -319,12 +328,7 @@ def shard_units(stores, spec: str, out: Path, *, key: str, max_new_tokens: int, 
             known = None
         if not isinstance(known, dict) or known.get("weights") != weights_hash(spec):
             known = None
-    cache = {}
-    if known is not None and (out / "generations.json").is_file():
-        try:
-            cache = json.loads((out / "generations.json").read_text(encoding="utf-8"))
-        except ValueError:
-            cache = {}
+    cache = read_cache(out) if known is not None else {}
     units = []
     for i, shard in enumerate(shard_texts(texts, batch_size, shard_size)):
         if known is not None and all(cache_key(t, known["hash"], max_new_tokens, template, system) in cache
@@ -344,23 +348,19 @@ class _Merger:
         self.targets: dict[str, dict] = {}
 
     def add(self, key: str, out: Path, spec: str) -> None:
-        self.targets[key] = {"out": out, "spec": spec, "hash": None, "name": None, "generated": 0}
-
-    def __call__(self, unit: str, res: dict) -> None:
         from ..models.loading import weights_hash
 
+        self.targets[key] = {"out": out, "weights": weights_hash(spec), "hash": None, "name": None, "generated": 0}
+
+    def __call__(self, unit: str, res: dict) -> None:
         t = self.targets[unit.rpartition("#")[0]]
-        cache_file = t["out"] / "generations.json"
-        try:
-            cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
-        except ValueError:
-            cache = {}
+        cache = read_cache(t["out"])
         cache.update(res["gens"])
-        _io.atomic_write_text(cache_file, json.dumps(cache, ensure_ascii=False) + "\n")
+        _io.atomic_write_text(t["out"] / "generations.json", json.dumps(cache, ensure_ascii=False) + "\n")
         t["hash"], t["name"] = res["thash"], res["name"]
         t["generated"] += len(res["gens"])
         _io.atomic_write_text(t["out"] / TARGET_FILE, json.dumps(
-            {"weights": weights_hash(t["spec"]), "hash": res["thash"], "name": res["name"]}) + "\n")
+            {"weights": t["weights"], "hash": res["thash"], "name": res["name"]}) + "\n")
 
 
 def replay_ray(cases, spec: str, *, out, ropts, judges=None, max_new_tokens: int = 64, template=None, system=None,
@@ -377,7 +377,7 @@ def replay_ray(cases, spec: str, *, out, ropts, judges=None, max_new_tokens: int
     batch_size = _check_int("batch_size", batch_size)
     if shard_size is not None:
         _check_int("shard_size", shard_size)
-    needs_target = callable(judges) and not isinstance(judges, (list, tuple))
+    needs_target = judges_need_target(judges)
     if not needs_target:
         judges = check_judges(judges)
     out = _io.check_output_path(out, overwrite, "dir", content=CONTENT)
@@ -446,8 +446,9 @@ def replay(cases, model, tokenizer=None, *, out, judges=None, max_new_tokens: in
     from ..scale import ray_options
 
     ropts = ray_options(ray)
-    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
-                                   ("offload_folder", offload_folder)) if v is not None}
+    from ..models.loading import placement_options
+
+    placement = placement_options(device, device_map, max_memory, offload_folder, here=ropts is None)
     if placement and not isinstance(model, (str, os.PathLike)):
         raise ReplayError(f"{'/'.join(placement)}= place a model replay loads from a spec; this one is loaded already")
     if isinstance(model, (str, os.PathLike)):
@@ -461,7 +462,7 @@ def replay(cases, model, tokenizer=None, *, out, judges=None, max_new_tokens: in
         from ..models import load_model
 
         model, tokenizer = load_model(str(model), dtype=dtype, device=device, **placement)
-        if callable(judges) and not isinstance(judges, (list, tuple)):
+        if judges_need_target(judges):
             judges = judges(model, tokenizer)
     elif ropts is not None:
         raise ReplayError("ray= needs the target as a load_model spec (each task loads its own copy), not a loaded model")

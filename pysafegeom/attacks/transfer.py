@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import _io
 from .replay import CONTENT as REPLAY_CONTENT
-from .replay import ReplayError, _run, as_stores, check_judges, fmt_rate, rate
+from .replay import ReplayError, _run, as_stores, check_judges, fmt_rate, judges_need_target, rate
 
 CONTENT = "transfer"
 ALL = "all"
@@ -87,7 +87,7 @@ def _transfer_ray(stores, targets, out: Path, ropts, judges, *, max_new_tokens, 
     from ..scale import progress_bar, run_units, session
     from .replay import TARGET_FILE, _finish_ray, _Merger, _shard_task, shard_units
 
-    needs_target = callable(judges) and not isinstance(judges, (list, tuple))
+    needs_target = judges_need_target(judges)
     units, known, merge = [], {}, _Merger()
     for name, _, spec in targets:
         d = out / "replay" / _safe(name)
@@ -137,14 +137,15 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
     from ..scale import ray_options
 
     ropts = ray_options(ray)
-    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
-                                   ("offload_folder", offload_folder)) if v is not None}
+    from ..models.loading import placement_options
+
+    placement = placement_options(device, device_map, max_memory, offload_folder, here=ropts is None)
     stores = as_stores(cases)  # errors before any model loads
     targets = _targets(models)
     if ropts is not None and any(model is not None for _, model, _ in targets):
         raise ReplayError("ray= needs every target as a load_model spec (each task loads its own copy), not a loaded "
                           "(name, model, tokenizer)")
-    if not callable(judges) or isinstance(judges, (list, tuple)):
+    if not judges_need_target(judges):
         judges = check_judges(judges)
     out = _io.check_output_path(out, overwrite, "dir", content=CONTENT)
     for name, *_ in targets:
@@ -164,7 +165,7 @@ def transfer(cases, models, *, out, judges=None, max_new_tokens: int = 64, templ
 
             model, tok = load_model(tok, dtype=dtype, device=device, **placement)
         try:
-            js = judges(model, tok) if callable(judges) and not isinstance(judges, list) else judges
+            js = judges(model, tok) if judges_need_target(judges) else judges
             summary, rows = _run(stores, model, tok, out=out / "replay" / _safe(name), judges=js,
                                  max_new_tokens=max_new_tokens, template=template, system=system,
                                  batch_size=batch_size, target_name=name, resume=resume, progress=progress,

@@ -295,7 +295,16 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str
     return _finish(model, tok, device)
 
 
-def _check_placement(device, device_map, max_memory, offload_folder) -> dict | None:
+def placement_options(device=None, device_map=None, max_memory=None, offload_folder=None, *, here: bool = True) -> dict:
+    """The placement keywords of :func:`load_model` that were given (``device_map`` / ``max_memory`` /
+    ``offload_folder``, as given), checked at once so that a bad combination fails before any work; with
+    ``here=False`` (a Ray driver whose workers hold the GPUs) the devices need not exist on this machine."""
+    _check_placement(device, device_map, max_memory, offload_folder, check_available=here)
+    return {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
+                              ("offload_folder", offload_folder)) if v is not None}
+
+
+def _check_placement(device, device_map, max_memory, offload_folder, *, check_available: bool = True) -> dict | None:
     """The ``from_pretrained`` keywords of a device map (None without one); the combinations that cannot work are
     errors that say what to pass instead."""
     if device_map is None:
@@ -308,14 +317,14 @@ def _check_placement(device, device_map, max_memory, offload_folder) -> dict | N
         raise InvalidArgument(f"device={V.show(device)} and device_map= exclude each other: device= moves the whole model "
                               "to one device, device_map= places its modules (device_map={'': 'cuda:0'} is the same as "
                               "device='cuda:0'); pass one of them")
-    dm = V.device_map("device_map", device_map)
+    dm = V.device_map("device_map", device_map, check_available=check_available)
     kw = {"device_map": dm}
     if max_memory is not None:
         if isinstance(dm, dict):
             raise InvalidArgument("max_memory= budgets accelerate's own placement (device_map='auto', 'balanced', "
                                   "'balanced_low_0' or 'sequential'); an explicit device_map dict already says where "
                                   "every module goes, so drop max_memory=")
-        kw["max_memory"] = V.max_memory("max_memory", max_memory)
+        kw["max_memory"] = V.max_memory("max_memory", max_memory, check_available=check_available)
     if offload_folder is not None:
         if not isinstance(offload_folder, (str, os.PathLike)) or not str(offload_folder).strip():
             raise InvalidType(f"offload_folder must be a folder path (str or os.PathLike), got "

@@ -383,10 +383,10 @@ def analyze(
             raise TypeError(f"unknown analyze option {k!r}; options are {', '.join(asdict(cfg))}")
         setattr(cfg, k, v)
     loaded = not isinstance(model, (str, os.PathLike))
+    from ..models.loading import placement_options
     from ..validate import check_analyze_config
 
-    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
-                                   ("offload_folder", offload_folder)) if v is not None}
+    placement = placement_options(None if loaded else device, device_map, max_memory, offload_folder)
     check_analyze_config(cfg, model_loaded=loaded, dtype=dtype, device=device)
     if loaded and placement:
         raise ValueError(f"{'/'.join(placement)}= place a model analyze loads from a spec; the model passed is loaded "

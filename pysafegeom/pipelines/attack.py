@@ -334,7 +334,9 @@ def _adaptive_model(spec, name: str, folder: str, pick: list[Prompt], methods: l
         model, tok = load(spec)
     else:
         _, model, tok = spec
-    js = judges(model, tok) if callable(judges) and not isinstance(judges, (list, tuple)) else judges
+    from ..attacks.replay import judges_need_target
+
+    js = judges(model, tok) if judges_need_target(judges) else judges
     res = {}
     for m in methods:
         d = out / folder / m
@@ -379,7 +381,7 @@ def attack_units(key: str, spec: str, method: str, behaviors: list[Prompt], run_
 
 
 def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], methods: list[str], out: Path, ropts, *,
-                  chunk: int, gcg, autodan, judges, max_new_tokens: int, resume: bool, overwrite: bool, progress: bool,
+                  gcg, autodan, judges, max_new_tokens: int, resume: bool, overwrite: bool, progress: bool,
                   load) -> dict:
     """:func:`adaptive` on Ray: one task per (model, method, chunk of behaviours) runs the attacks into their state
     folders, then one task per model judges them (its store, summaries and answers, as in a single process)."""
@@ -390,38 +392,27 @@ def _adaptive_ray(models: list, names: list, safe: list, pick: list[Prompt], met
     if not all(isinstance(m, str) for m in models):
         raise AttackError("with ray=, give the models as load_model specs (each task loads its own copy), "
                           "not (name, model, tokenizer) triples")
-    V.positive_int("chunk", chunk)
     units = []
     for spec, folder in zip(models, safe):
         for m in methods:
             d = out / folder / m
             if overwrite and not resume and d.exists():
                 shutil.rmtree(d)  # what attack_behaviors(overwrite=True) would clear, cleared once before the tasks
-            units += attack_units(folder, spec, m, pick, d, _method_config(m, gcg, autodan), chunk, load)
-    with session(ropts), progress_bar(len(units) + len(models), "adaptive: attacks, judging", progress) as bar:
-        run_units(units, _attack_chunk, ropts, desc="adaptive attacks", bar=bar)
-        done = _adaptive_judge(models, names, safe, pick, methods, out, ropts, bar, gcg=gcg, autodan=autodan,
-                               judges=judges, max_new_tokens=max_new_tokens, load=load)
-    return done
-
-
-def _adaptive_judge(models, names, safe, pick, methods, out, ropts, bar, *, gcg, autodan, judges, max_new_tokens,
-                    load) -> dict:
-    """The second pool of :func:`_adaptive_ray`: one task per model writes its records from the finished states."""
-    from ..scale import run_units
-
+            units += attack_units(folder, spec, m, pick, d, _method_config(m, gcg, autodan), ropts.chunk, load)
     judged = [(name, {"spec": spec, "name": name, "folder": folder, "pick": pick, "methods": methods, "out": out,
                       "gcg": gcg, "autodan": autodan, "judges": judges, "max_new_tokens": max_new_tokens,
                       "resume": True, "overwrite": False, "progress": False, "load": load})
               for spec, name, folder in zip(models, names, safe)]
-    done = run_units(judged, _adaptive_model, ropts, desc="adaptive judging", bar=bar)
+    with session(ropts), progress_bar(len(units) + len(judged), "adaptive: attacks, judging", progress) as bar:
+        run_units(units, _attack_chunk, ropts, desc="adaptive attacks", bar=bar)
+        done = run_units(judged, _adaptive_model, ropts, desc="adaptive judging", bar=bar)
     return {name: done[name]["result"] for name in names}
 
 
 def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, subset: int = 20,
              methods: Sequence[str] = METHODS, gcg: GCGConfig | None = None, autodan: AutoDANConfig | None = None,
              judges=None, max_new_tokens: int = 64, seed: int = 0, resume: bool = True, overwrite: bool = False,
-             progress: bool = True, load=None, ray=None, chunk: int | None = None) -> dict:
+             progress: bool = True, load=None, ray=None) -> dict:
     """Sparse adaptive attacks: each method optimised against each model on the same ``subset`` behaviours.
 
     ``models``: load_model specs (loaded one at a time) or ``(name, model, tokenizer)`` triples. The subset
@@ -433,10 +424,9 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     judges that use each attacked model (the local model judge). Returns ``{model: {method: summary}}``.
 
     ``ray``: fan out on Ray (``True``, an address or :class:`pysafegeom.scale.RayOptions`): one task per (model,
-    method, ``chunk`` behaviours; default the options' ``chunk``, 4) runs the attacks into the same state folders, then
-    one task per model writes what a
-    single process writes; the models must then be specs. ``load``, when given with ``ray``, must be importable by
-    the workers (a module-level function).
+    method, ``RayOptions.chunk`` behaviours) runs the attacks into the same state folders, then one task per model
+    writes what a single process writes; the models must then be specs. ``load``, when given with ``ray``, must be
+    picklable for the workers (a module-level function, or a closure over picklable values).
     """
     from ..scale import ray_options
 
@@ -471,7 +461,7 @@ def adaptive(models: Sequence, behaviors: Sequence[Prompt], *, out: str | Path, 
     kw = dict(gcg=gcg, autodan=autodan, judges=judges, max_new_tokens=max_new_tokens, resume=resume,
               overwrite=overwrite, progress=progress, load=load)
     if ropts is not None:
-        results = _adaptive_ray(models, names, safe, pick, methods, out, ropts, chunk=chunk or ropts.chunk, **kw)
+        results = _adaptive_ray(models, names, safe, pick, methods, out, ropts, **kw)
     else:
         results = {name: _adaptive_model(spec, name, folder, pick, methods, out, **kw)
                    for spec, name, folder in zip(models, names, safe)}

@@ -1127,12 +1127,10 @@ def trajectory(runs, *, out, harmful=None, harmless=None, xstest=None, benign=No
     from ..scale import ray_options
 
     ropts = ray_options(ray)
-    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
-                                   ("offload_folder", offload_folder)) if v is not None}
-    if placement:
-        from ..models.loading import _check_placement
+    from ..models.loading import placement_options
 
-        _check_placement(device, device_map, max_memory, offload_folder)  # bad options refused before any anchor
+    # bad placement options refused before any anchor (on Ray the workers' devices need not be the driver's)
+    placement = placement_options(device, device_map, max_memory, offload_folder, here=ropts is None)
     cfg = _split_options(config, options)
     trajectories = {name: anchors_of(name, run) for name, run in runs.items()}
     idents = check_anchors(trajectories)
