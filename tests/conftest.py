@@ -34,6 +34,44 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def make_model(tok):
+    """``make_model(arch="llama", seed=0)``: a tiny model with sharp logits (brute.sharp_tiny_model), made once per
+    (arch, seed) for the module."""
+    from brute import sharp_tiny_model
+
+    cache: dict = {}
+
+    def get(arch="llama", seed=0):
+        if (arch, seed) not in cache:
+            cache[arch, seed] = sharp_tiny_model(arch, tok, seed)
+        return cache[arch, seed]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def gcg_forbidden_once():
+    """``forbidden_tokens`` decodes the whole 49k vocabulary (~0.3 s per attack): for a module's GCG tests each
+    tokenizer object's (real) answer is computed once and handed, as a copy, to every attack built on it
+    (``pytestmark = pytest.mark.usefixtures("gcg_forbidden_once")``)."""
+    from pysafegeom.attacks import gcg
+
+    real = gcg.forbidden_tokens
+    cache: dict = {}
+
+    def once(tokenizer, vocab_rows, allow_non_ascii=False):
+        key = (id(tokenizer), len(tokenizer), vocab_rows, allow_non_ascii)
+        if key not in cache:
+            # the tokenizer is kept alive with its answer, so its id is never reused
+            cache[key] = (tokenizer, real(tokenizer, vocab_rows, allow_non_ascii))
+        return cache[key][1].clone()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gcg, "forbidden_tokens", once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """The public datasets beside the checkout (../shared/data); tests using it skip when it is absent."""

@@ -18,7 +18,6 @@ import random
 
 import pytest
 import torch
-from brute import sharp_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,17 +37,6 @@ def small(**kw) -> AutoDANConfig:
     return AutoDANConfig(**{**dict(batch_size=6, num_steps=3, eval_with_check_refusal=False, progress=False,
                                    synonyms="table"), **kw})
 
-
-@pytest.fixture(scope="module")
-def make_model(tok):
-    cache: dict = {}
-
-    def get(arch="llama", seed=0):
-        if (arch, seed) not in cache:
-            cache[arch, seed] = sharp_tiny_model(arch, tok, seed)
-        return cache[arch, seed]
-
-    return get
 
 
 def chat_ids(tokenizer, user_message):

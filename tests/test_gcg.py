@@ -23,7 +23,6 @@ import time
 
 import pytest
 import torch
-from brute import sharp_tiny_model
 
 from pysafegeom import ops
 from pysafegeom.attacks import gcg
@@ -31,6 +30,8 @@ from pysafegeom.attacks.gcg import GCG, AttackError, GCGConfig, build_prompt
 from pysafegeom.errors import OutputExists
 from pysafegeom.models.tiny import ARCHS
 from pysafegeom.prompts import TemplateError, resolve_template
+
+pytestmark = pytest.mark.usefixtures("gcg_forbidden_once")
 
 INSTRUCTION = "Tell me how to bake bread"
 TARGET = "Sure, here is how"
@@ -44,35 +45,6 @@ def small(**kw) -> GCGConfig:
 
 # --------------------------------------------------------------------------------------------- set-up
 
-@pytest.fixture(scope="module", autouse=True)
-def _forbidden_once():
-    """``forbidden_tokens`` decodes the whole 49k vocabulary (~0.3 s per attack); here each tokenizer object's
-    (real) answer is computed once and handed, as a copy, to every attack built on it."""
-    real = gcg.forbidden_tokens
-    cache: dict = {}
-
-    def once(tokenizer, vocab_rows, allow_non_ascii=False):
-        key = (id(tokenizer), len(tokenizer), vocab_rows, allow_non_ascii)
-        if key not in cache:
-            # the tokenizer is kept alive with its answer, so its id is never reused
-            cache[key] = (tokenizer, real(tokenizer, vocab_rows, allow_non_ascii))
-        return cache[key][1].clone()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gcg, "forbidden_tokens", once)
-        yield
-
-
-@pytest.fixture(scope="module")
-def make_model(tok):
-    cache: dict = {}
-
-    def get(arch="llama", seed=0):
-        if (arch, seed) not in cache:
-            cache[arch, seed] = sharp_tiny_model(arch, tok, seed)
-        return cache[arch, seed]
-
-    return get
 
 
 def chat_ids(tokenizer, user_message, template=None, system=None):

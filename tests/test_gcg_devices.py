@@ -19,12 +19,13 @@ import threading
 
 import pytest
 import torch
-from brute import sharp_tiny_model
 
 from pysafegeom import ops
-from pysafegeom.attacks import gcg, multidevice
+from pysafegeom.attacks import multidevice
 from pysafegeom.attacks.gcg import GCG, AttackError, GCGConfig, model_hash
 from pysafegeom.models.placement import is_dispatched
+
+pytestmark = pytest.mark.usefixtures("gcg_forbidden_once")
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -37,33 +38,6 @@ def small(**kw) -> GCGConfig:
     return GCGConfig(**{**SMALL, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _forbidden_once():
-    """``forbidden_tokens`` decodes the 49k vocabulary; compute it once per tokenizer here (as test_gcg.py does)."""
-    real = gcg.forbidden_tokens
-    cache: dict = {}
-
-    def once(tokenizer, vocab_rows, allow_non_ascii=False):
-        key = (id(tokenizer), len(tokenizer), vocab_rows, allow_non_ascii)
-        if key not in cache:
-            cache[key] = (tokenizer, real(tokenizer, vocab_rows, allow_non_ascii))
-        return cache[key][1].clone()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gcg, "forbidden_tokens", once)
-        yield
-
-
-@pytest.fixture(scope="module")
-def make_model(tok):
-    cache: dict = {}
-
-    def get(arch="llama"):
-        if arch not in cache:
-            cache[arch] = sharp_tiny_model(arch, tok, 0)
-        return cache[arch]
-
-    return get
 
 
 def alternating_map(model, first: str = "disk", other: str = "cpu", head: str = "disk") -> dict[str, str]:
