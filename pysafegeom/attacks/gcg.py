@@ -68,8 +68,8 @@ from .._io import atomic_write_bytes, json_safe
 from ..errors import AttackError, InvalidType, OutputExists  # noqa: F401 (AttackError: re-exported)
 from ..models.forward import forward
 from ..prompts import SENTINEL, resolve_template, special_token_strings
-from . import multidevice
 from ..models.placement import execution_device, is_dispatched, module_tensor, parameter_value
+from . import multidevice
 
 DEFAULT_OPTIM_STR = "x x x x x x x x x x x x x x x x x x x x"
 STATE_FILE = "gcg_state.pt"

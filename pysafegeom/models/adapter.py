@@ -116,12 +116,10 @@ class ModelAdapter:
         w = self.embed.weight
         if w.device.type != "meta" and getattr(self.embed, "_hf_hook", None) is None:
             return w.device
-
         return execution_device(self.model, self.embed)
 
     def device_of(self, module: nn.Module) -> torch.device:
         """Where ``module`` (a layer, the final norm, the head) computes (:func:`~pysafegeom.models.placement.execution_device`)."""
-
         return execution_device(self.model, module)
 
     @property
